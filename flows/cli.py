@@ -179,7 +179,8 @@ def main() -> None:
     from tasks.store import InputError
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns the code of a typer.Exit instead of raising it
+        sys.exit(code if isinstance(code, int) else 0)
     except InputError as e:
         _fail(str(e), 2, e)
     except Failure as e:
