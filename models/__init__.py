@@ -1,1 +1,17 @@
 """Backbones as Hugging Face models. Importing this package registers them with the Auto classes."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from models import moe
+
+AutoConfig.register("alignflow_moe", moe.MoeConfig)
+AutoModel.register(moe.MoeConfig, moe.MoeModel)
+AutoModelForCausalLM.register(moe.MoeConfig, moe.MoeForCausalLM)
+AutoModelForSequenceClassification.register(moe.MoeConfig, moe.MoeForSequenceClassification)
+
+# Named sizes: each builder returns a config for a given vocab_size.
+SIZES = {
+    "moe-tiny": moe.moe_tiny,
+    "moe-small": moe.moe_small,
+    "moe-base": moe.moe_base,
+}
