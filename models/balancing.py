@@ -58,6 +58,10 @@ class LoadBalanceCallback(TrainerCallback):
         self.last_max_vio = update_biases(model, gamma)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.last_max_vio:
-            logs["moe_max_vio_mean"] = sum(self.last_max_vio) / len(self.last_max_vio)
-            logs["moe_max_vio_max"] = max(self.last_max_vio)
+        if logs is None or not self.last_max_vio:
+            return
+        stats = {"moe_max_vio_mean": sum(self.last_max_vio) / len(self.last_max_vio), "moe_max_vio_max": max(self.last_max_vio)}
+        logs.update(stats)  # seen by the callbacks after this one
+        # The Trainer copied `logs` into the history before calling us; the run history should hold MaxVio too.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(stats)
