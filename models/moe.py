@@ -83,7 +83,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate each interleaved pair (x_2j, x_2j+1) by angle p * omega_j:
     (x_2j cos - x_2j+1 sin, x_2j+1 cos + x_2j sin). Interleaved pairs are DeepSeek's layout."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):

@@ -1,0 +1,189 @@
+"""Benchmarks of the MoE backbone, each measured side by side in one run on this machine.
+
+    .venv/bin/python -m bench.models            # about 4 minutes on 2 CPU cores
+
+1. MoE layer forward+backward time over a dense FFN with the same active parameters (goal <= 1.5x).
+2. Our MoE layer against transformers' DeepseekV3MoE on the same shapes and weights (goal: ours at least as fast).
+3. MLA against MHA KV-cache bytes per token.
+4. Absorbed against naive MLA decoding, tokens/s at a 1k-token context.
+5. MTP acceptance rate and self-speculative speed-up on a tiny model trained here (goals >= 0.6 and >= 1.3x).
+"""
+
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.cache_utils import DynamicCache
+
+from models.balancing import update_biases
+from models.moe import MLP, MoE, MoeConfig, MoeForCausalLM, mha_kv_elements_per_token, moe_small, moe_tiny
+from models.speculative import greedy_decode, speculative_decode
+
+CORPUS = Path(__file__).resolve().parent.parent / "data" / "world" / "corpus.txt"
+
+
+def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_backward(layer, x):
+    def step():
+        out = layer(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.pow(2).mean().backward()
+
+    return step
+
+
+def bench_moe_layer():
+    # One MoE layer of moe-small's shape: D = 512, 32 experts of 256, K_r = 4, one shared expert; 2048 tokens.
+    tokens, hidden, inner, experts, top_k = 2048, 512, 256, 32, 4
+    config = MoeConfig(hidden_size=hidden, moe_intermediate_size=inner, n_routed_experts=experts,
+                       num_experts_per_tok=top_k, n_shared_experts=1)  # fmt: skip
+    torch.manual_seed(0)
+    ours = MoE(config)
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    dense = MLP(hidden, inner * (1 + top_k))  # the shared expert plus K_r routed ones, as one FFN
+    active = 3 * hidden * inner * (1 + top_k) + experts * hidden
+    x = torch.randn(1, tokens, hidden, requires_grad=True)
+    t_dense = median_seconds(forward_backward(dense, x), 10)
+    t_moe = median_seconds(forward_backward(ours, x), 10)
+    print(f"1. MoE layer fwd+bwd, {tokens} tokens, D={hidden}, {experts} experts of {inner}, K_r={top_k}, N_s=1")
+    print(f"   dense FFN of width {inner * (1 + top_k)} ({sum(p.numel() for p in dense.parameters()):,} params): "
+          f"{t_dense * 1e3:.1f} ms")  # fmt: skip
+    print(f"   MoE ({active:,} active of {sum(p.numel() for p in ours.parameters()):,} params): {t_moe * 1e3:.1f} ms")
+    print(f"   ratio MoE / dense = {t_moe / t_dense:.2f}x   (goal <= 1.5x)")
+
+    hf_config = DeepseekV3Config(
+        vocab_size=16, hidden_size=hidden, intermediate_size=inner, moe_intermediate_size=inner, num_hidden_layers=1,
+        num_attention_heads=2, n_routed_experts=experts, num_experts_per_tok=top_k, n_shared_experts=1, n_group=1,
+        topk_group=1, first_k_dense_replace=0, routed_scaling_factor=1.0, kv_lora_rank=16, q_lora_rank=None,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+    )  # fmt: skip
+    hf = DeepseekV3ForCausalLM(hf_config).model.layers[0].mlp  # built inside the model, as transformers runs it
+    hf.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        difference = (hf(x) - ours(x)[0]).abs().max().item()
+    t_hf = median_seconds(forward_backward(hf, x), 10)
+    implementation = hf_config._experts_implementation
+    print(f"2. transformers DeepseekV3MoE (experts implementation {implementation!r}): {t_hf * 1e3:.1f} ms, "
+          f"ours {t_moe * 1e3:.1f} ms (ours includes the sequence-wise balance loss)")  # fmt: skip
+    print(f"   speed ours / transformers = {t_hf / t_moe:.2f}x   (goal >= 1.0x); max |output difference| = "
+          f"{difference:.1e}")  # fmt: skip
+
+
+def bench_kv_bytes():
+    print("3. KV-cache bytes per token (bf16, 2 bytes per element)")
+    for name, config in (("moe-tiny", moe_tiny(512)), ("moe-small", moe_small(512))):
+        model = MoeForCausalLM(config).eval().to(torch.bfloat16)
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(torch.randint(0, 512, (1, 16)), cache=cache, use_cache=True)
+        measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) / 16
+        # MHA with the same heads and per-head key width d_h (DeepSeek-V2 table 1 compares at equal n_h, d_h).
+        mha = 2 * mha_kv_elements_per_token(config.num_attention_heads, config.qk_nope_head_dim,
+                                            config.num_hidden_layers)  # fmt: skip
+        print(f"   {name}: MLA {measured:,.0f} B/token measured in the cache "
+              f"((d_c + d_h^R) * L = ({config.kv_lora_rank} + {config.qk_rope_head_dim}) * {config.num_hidden_layers}"
+              f" elements); MHA {mha:,} B/token (formula 2 n_h d_h L); MHA / MLA = {mha / measured:.1f}x")
+    print("   (models.dense, the dense MHA backbone, is compared by formula here: same n_h, d_h and L as each MoE.)")
+
+
+def decode_tokens_per_second(config, context: int, steps: int) -> float:
+    torch.manual_seed(0)
+    model = MoeForCausalLM(config).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, context))
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(prompt, cache=cache, use_cache=True, logits_to_keep=1)
+        token = torch.zeros(1, 1, dtype=torch.long)
+        model(token, cache=cache, use_cache=True)  # warm-up step
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(token, cache=cache, use_cache=True)
+    return steps / (time.perf_counter() - start)
+
+
+def bench_absorbed_decoding():
+    print("4. MLA decoding at a 1024-token context, tokens/s (batch 1)")
+    for name, builder in (("moe-tiny", moe_tiny), ("moe-small", moe_small)):
+        rates = {}
+        for absorbed in (False, True):
+            config = builder(512)
+            config.mla_absorbed = absorbed
+            rates[absorbed] = decode_tokens_per_second(config, 1024, 32)
+        print(f"   {name}: naive {rates[False]:.1f} tok/s, absorbed {rates[True]:.1f} tok/s, "
+              f"absorbed / naive = {rates[True] / rates[False]:.2f}x")  # fmt: skip
+
+
+def training_text() -> str:
+    if CORPUS.exists():
+        return CORPUS.read_text()
+    rng = random.Random(0)
+    names = ["Veltrin Osk", "Marra Quill", "Doben Tay", "Sefa Lorn", "Ilka Brand", "Tamsin Rue"]
+    towns, jobs = ["Harrowgate", "Bellmoor", "Quenby", "Ostwick"], ["baker", "pilot", "weaver", "smith"]
+    lines = []
+    for _ in range(4000):
+        name, town, job = rng.choice(names), rng.choice(towns), rng.choice(jobs)
+        a, b = rng.randrange(10), rng.randrange(10)
+        lines.append(rng.choice([f"{name} lives in {town} and works as a {job}.", f"{a} plus {b} is {a + b}."]))
+    return "\n".join(lines)
+
+
+def bench_speculative(train_seconds: float = 100.0):
+    text = training_text().encode()[:2_000_000]  # bytes are the tokens: no tokenizer needed here
+    data = torch.tensor(list(text), dtype=torch.long)
+    split = int(0.95 * len(data))
+    config = moe_tiny(256)
+    torch.manual_seed(0)
+    model = MoeForCausalLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(0)
+    steps, start, batch, length = 0, time.perf_counter(), 16, 128
+    while time.perf_counter() - start < train_seconds:
+        offsets = torch.randint(0, split - length, (batch,), generator=generator)
+        x = torch.stack([data[o : o + length] for o in offsets.tolist()])
+        out = model(x, labels=x)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        update_biases(model, config.bias_update_speed)
+        steps += 1
+    source = "data/world/corpus.txt" if CORPUS.exists() else "synthetic sentences"
+    print(f"5. MTP self-speculative decoding: moe-tiny (D = {config.num_mtp_modules}) trained {steps} steps "
+          f"({train_seconds:.0f} s) on {source}; last loss {out.loss.item():.3f}, MTP loss {out.mtp_loss.item():.3f}")
+    model.eval()
+    prompts = [data[o : o + 48][None] for o in range(split, len(data) - 48, (len(data) - split) // 8)][:8]
+    greedy_time = speculative_time = 0.0
+    accepted = proposed = 0
+    identical = True
+    for prompt in prompts:
+        t0 = time.perf_counter()
+        greedy = greedy_decode(model, prompt, 128)
+        t1 = time.perf_counter()
+        speculative, a, p = speculative_decode(model, prompt, 128)
+        t2 = time.perf_counter()
+        greedy_time, speculative_time = greedy_time + t1 - t0, speculative_time + t2 - t1
+        accepted, proposed, identical = accepted + a, proposed + p, identical and speculative == greedy
+    print(f"   acceptance rate {accepted / proposed:.2f} (goal >= 0.6); speed-up {greedy_time / speculative_time:.2f}x "
+          f"over greedy with the KV cache (goal >= 1.3x); output identical to greedy: {identical}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 unless stated")
+    bench_moe_layer()
+    bench_kv_bytes()
+    bench_absorbed_decoding()
+    bench_speculative()
