@@ -312,3 +312,18 @@ def test_balancing_callback_under_the_trainer(tmp_path):
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 3 and all("moe_max_vio_max" in entry for entry in logged)
     assert all(entry["moe_max_vio_max"] >= entry["moe_max_vio_mean"] >= 0 for entry in logged)
+
+
+def test_bfloat16_loading_keeps_the_router_bias_in_float32(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    x = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+        cache = DynamicCache()
+        model(x[:, :7], cache=cache, use_cache=True)
+        last = model(x[:, 7:], cache=cache, use_cache=True).logits  # the absorbed path, in bf16
+    assert full.dtype == torch.bfloat16
+    assert (full[0, -1].float() - last[0, -1].float()).abs().max() < 0.1
