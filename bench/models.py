@@ -25,15 +25,19 @@ from models.speculative import greedy_decode, speculative_decode
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "world" / "corpus.txt"
 
 
-def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def paired_medians(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds of each function, timed in alternation so that load from other processes on the machine
+    falls on all of them alike rather than on whichever ran during it."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def forward_backward(layer, x):
@@ -56,15 +60,6 @@ def bench_moe_layer():
         torch.nn.init.normal_(p, std=0.02)
     dense = MLP(hidden, inner * (1 + top_k))  # the shared expert plus K_r routed ones, as one FFN
     active = 3 * hidden * inner * (1 + top_k) + experts * hidden
-    x = torch.randn(1, tokens, hidden, requires_grad=True)
-    t_dense = median_seconds(forward_backward(dense, x), 10)
-    t_moe = median_seconds(forward_backward(ours, x), 10)
-    print(f"1. MoE layer fwd+bwd, {tokens} tokens, D={hidden}, {experts} experts of {inner}, K_r={top_k}, N_s=1")
-    print(f"   dense FFN of width {inner * (1 + top_k)} ({sum(p.numel() for p in dense.parameters()):,} params): "
-          f"{t_dense * 1e3:.1f} ms")  # fmt: skip
-    print(f"   MoE ({active:,} active of {sum(p.numel() for p in ours.parameters()):,} params): {t_moe * 1e3:.1f} ms")
-    print(f"   ratio MoE / dense = {t_moe / t_dense:.2f}x   (goal <= 1.5x)")
-
     hf_config = DeepseekV3Config(
         vocab_size=16, hidden_size=hidden, intermediate_size=inner, moe_intermediate_size=inner, num_hidden_layers=1,
         num_attention_heads=2, n_routed_experts=experts, num_experts_per_tok=top_k, n_shared_experts=1, n_group=1,
@@ -73,9 +68,17 @@ def bench_moe_layer():
     )  # fmt: skip
     hf = DeepseekV3ForCausalLM(hf_config).model.layers[0].mlp  # built inside the model, as transformers runs it
     hf.load_state_dict(ours.state_dict())
+    x = torch.randn(1, tokens, hidden, requires_grad=True)
     with torch.no_grad():
         difference = (hf(x) - ours(x)[0]).abs().max().item()
-    t_hf = median_seconds(forward_backward(hf, x), 10)
+    layers = {"dense": dense, "ours": ours, "transformers": hf}
+    t = paired_medians({name: forward_backward(layer, x) for name, layer in layers.items()}, 12)
+    t_dense, t_moe, t_hf = t["dense"], t["ours"], t["transformers"]
+    print(f"1. MoE layer fwd+bwd, {tokens} tokens, D={hidden}, {experts} experts of {inner}, K_r={top_k}, N_s=1")
+    print(f"   dense FFN of width {inner * (1 + top_k)} ({sum(p.numel() for p in dense.parameters()):,} params): "
+          f"{t_dense * 1e3:.1f} ms")  # fmt: skip
+    print(f"   MoE ({active:,} active of {sum(p.numel() for p in ours.parameters()):,} params): {t_moe * 1e3:.1f} ms")
+    print(f"   ratio MoE / dense = {t_moe / t_dense:.2f}x   (goal <= 1.5x)")
     implementation = hf_config._experts_implementation
     print(f"2. transformers DeepseekV3MoE (experts implementation {implementation!r}): {t_hf * 1e3:.1f} ms, "
           f"ours {t_moe * 1e3:.1f} ms (ours includes the sequence-wise balance loss)")  # fmt: skip

@@ -272,7 +272,7 @@ def grouped_experts(x, idx, gates, w_gate_up, w_down):
     N, K = idx.shape
     order = idx.flatten().argsort(stable=True)  # (N*K,) assignment slots grouped by expert
     counts = torch.bincount(idx.flatten(), minlength=w_gate_up.shape[0])
-    xs = x[order // K]  # (N*K, D)
+    xs = x.index_select(0, order // K)  # (N*K, D); its backward is an index_add, cheaper than x[...]'s index_put
     gate, up = expert_matmul(xs, w_gate_up, counts).chunk(2, dim=-1)
     ys = expert_matmul(F.silu(gate) * up, w_down, counts)  # (N*K, D), in expert order
     y = torch.empty_like(ys).index_copy_(0, order, ys).view(N, K, -1)  # back to (token, slot) order
@@ -464,11 +464,12 @@ class MoeForSequenceClassification(GenericForSequenceClassification, MoePreTrain
     _keys_to_ignore_on_load_unexpected: ClassVar = [r"^lm_head\.", r"^mtp\."]
 
 
-# Builders: literal sizes, the parameter counts measured with sum(p.numel()) at vocab_size=512.
+# Builders: literal sizes. Parameter counts measured with sum(p.numel()), MTP module included; "active" counts the
+# main model with K_r of the N_r routed experts.
 
 
 def moe_tiny(vocab_size: int = 512) -> MoeConfig:
-    """~1.5M parameters: trains on two CPU cores."""
+    """1.48M parameters at vocab 512 (0.73M active): trains on two CPU cores."""
     return MoeConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                      q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                      intermediate_size=384, moe_intermediate_size=64, n_shared_experts=1, n_routed_experts=8,
@@ -476,7 +477,7 @@ def moe_tiny(vocab_size: int = 512) -> MoeConfig:
 
 
 def moe_small(vocab_size: int = 32_000) -> MoeConfig:
-    """~150M parameters (~45M active): one GPU."""
+    """202M parameters at vocab 32k (67M active): one GPU."""
     return MoeConfig(vocab_size=vocab_size, hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
                      q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                      intermediate_size=1536, moe_intermediate_size=256, n_shared_experts=1, n_routed_experts=32,
@@ -484,7 +485,7 @@ def moe_small(vocab_size: int = 32_000) -> MoeConfig:
 
 
 def moe_base(vocab_size: int = 32_000) -> MoeConfig:
-    """~1.1B parameters (~250M active): several GPUs."""
+    """1.8B parameters at vocab 32k (319M active): several GPUs."""
     return MoeConfig(vocab_size=vocab_size, hidden_size=1024, num_hidden_layers=16, num_attention_heads=16,
                      q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                      intermediate_size=4096, moe_intermediate_size=512, n_shared_experts=2, n_routed_experts=64,
