@@ -3,6 +3,7 @@
 Exit codes: 0 ok, 1 a run failed, 2 bad input or usage. Errors are one line; --debug shows the traceback.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -64,7 +65,11 @@ def run(
     from tasks.store import Store
 
     st = Store(root)
-    state = pipeline(cfg, st, steps, return_state=True)
+    if json_out:  # stdout carries the one JSON object; whatever the libraries print goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            state = pipeline(cfg, st, steps, return_state=True)
+    else:
+        state = pipeline(cfg, st, steps, return_state=True)
     result = {"flow_run_id": str(state.state_details.flow_run_id), "state": state.name, "steps": st.history}
     if json_out:
         print(json.dumps(result, default=str))

@@ -1,0 +1,136 @@
+"""label_preferences: AI-feedback preference labels (RLAIF; Constitutional AI, arXiv 2212.08073, sec. 4.1).
+
+For each prompt the SL-CAI policy samples two responses; a comparison principle is drawn at random; the feedback
+model's log-probabilities of the option tokens give P(A). Both orders are asked and averaged, which cancels the strong
+position bias of small judges (NOTES-tiny-cai: the tiny judge's answer followed the order ~half the time):
+
+    p = ( P(A | A shown first) + P(A | A shown second) ) / 2,  P(option) = softmax over the option log-probabilities
+
+Chain-of-thought mode (the paper's sec. 4.1 variant): the feedback model reasons first and the option probabilities are
+read after its reasoning; such probabilities are overconfident, so they are clamped (to 0.4-0.6 by default).
+"""
+
+import math
+import random
+from pathlib import Path
+
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from constitutions.schema import Constitution
+from data.roles import OPTIONS, comparison_prompt
+from tasks import store
+from tasks.feedback import FeedbackConfig, open_feedback
+from tasks.shards import run_shards, shard_seed
+
+COT_SUFFIX = "\nThink it through step by step first, then give your answer."
+COT_ANSWER = "\nSo the better response is ("
+
+
+class LabelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: int = Field(700, ge=1, description="training prompts to label (red-team and benign, half each)")
+    response_temperature: float = Field(1.0, gt=0, description="sampling temperature of the two responses")
+    max_new_tokens: int = Field(96, ge=1)
+    chain_of_thought: bool = False
+    clamp: tuple[float, float] | None = Field(None, description="clip labels into [low, high]; CoT default 0.4-0.6")
+    shard_size: int = Field(64, ge=1)
+    seed: int = 0
+    feedback: FeedbackConfig = FeedbackConfig()
+
+    @model_validator(mode="after")
+    def _clamp_in_range(self):
+        if self.clamp is not None and not 0 <= self.clamp[0] <= self.clamp[1] <= 1:
+            raise ValueError("clamp must be [low, high] with 0 <= low <= high <= 1")
+        return self
+
+    def effective_clamp(self) -> tuple[float, float] | None:
+        return self.clamp or ((0.4, 0.6) if self.chain_of_thought else None)
+
+
+def option_probability(logprobs: list[float]) -> list[float]:
+    """softmax over the option tokens' log-probabilities: the judge's choice renormalised to the options."""
+    top = max(logprobs)
+    weights = [math.exp(lp - top) for lp in logprobs]
+    return [w / sum(weights) for w in weights]
+
+
+def averaged_label(p_a_first: float, p_a_second: float) -> float:
+    """p = (P(A | A first) + P(A | A second)) / 2: the position-debiased soft label."""
+    return (p_a_first + p_a_second) / 2
+
+
+def choose_prompts(cfg: LabelConfig, prompts: list[dict]) -> list[dict]:
+    rng = random.Random(cfg.seed)
+    train = [p for p in prompts if p["split"] == "train"]
+    harmful = [p for p in train if p["kind"] == "harmful"]
+    benign = [p for p in train if p["kind"] == "benign"]
+    half = cfg.prompts // 2
+    # Helpfulness pairs stay in the data so the reward model learns that a needless refusal loses (NOTES-tiny-cai 4, 8).
+    return rng.sample(harmful, min(half, len(harmful))) + rng.sample(benign, min(cfg.prompts - half, len(benign)))
+
+
+def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: list[dict], out_dir: Path) -> dict:
+    chosen = choose_prompts(cfg, prompts)
+    clamp = cfg.effective_clamp()
+    with open_feedback(cfg.feedback, policy_dir=policy) as judge, \
+            open_feedback(FeedbackConfig(), policy_dir=policy) as answerer:
+
+        def judge_order(questions: list[str], seed: int) -> list[float]:
+            if not cfg.chain_of_thought:
+                return [option_probability(lp)[0] for lp in judge.option_logprobs(questions, options=OPTIONS)]
+            reasons = judge.generate([q + COT_SUFFIX for q in questions], max_new_tokens=cfg.max_new_tokens,
+                                     temperature=0.0, seed=seed)
+            logprobs = judge.option_logprobs([q + COT_SUFFIX for q in questions], options=OPTIONS,
+                                             assistant_prefixes=[r + COT_ANSWER for r in reasons])
+            return [option_probability(lp)[0] for lp in logprobs]
+
+        def work(number: int, batch: list[dict]) -> list[dict]:
+            seed = shard_seed(cfg.seed, number)
+            rng = random.Random(seed)
+            texts = [p["prompt"] for p in batch]
+            first = answerer.generate(texts, max_new_tokens=cfg.max_new_tokens,
+                                      temperature=cfg.response_temperature, seed=seed)
+            second = answerer.generate(texts, max_new_tokens=cfg.max_new_tokens,
+                                       temperature=cfg.response_temperature, seed=seed + 1)
+            principles = [rng.choice(constitution.preference) for _ in batch]
+            a_first = judge_order([comparison_prompt(t, a, b, pr.text)
+                                   for t, a, b, pr in zip(texts, first, second, principles)], seed + 2)
+            b_first = judge_order([comparison_prompt(t, b, a, pr.text)
+                                   for t, a, b, pr in zip(texts, first, second, principles)], seed + 3)
+            records = []
+            for p, a, b, pr, pa1, pb1 in zip(batch, first, second, principles, a_first, b_first):
+                soft = averaged_label(pa1, 1 - pb1)
+                if clamp:
+                    soft = min(max(soft, clamp[0]), clamp[1])
+                records.append({"id": p["id"], "kind": p["kind"], "prompt": p["prompt"], "response_a": a,
+                                "response_b": b, "principle": pr.id, "p_a_shown_first": round(pa1, 6),
+                                "p_a_shown_second": round(1 - pb1, 6), "p_a": round(soft, 6)})
+            return records
+
+        records = run_shards(out_dir, chosen, cfg.shard_size, work, step="label_preferences")
+    n = max(len(records), 1)
+    flips = sum((r["p_a_shown_first"] > 0.5) != (r["p_a_shown_second"] > 0.5) for r in records)
+    return {
+        "pairs": len(records),
+        "mean_p_a": round(sum(r["p_a"] for r in records) / n, 4),
+        "order_disagreement": round(flips / n, 4),  # how often the verdict changed with the order
+        "identical_pairs": sum(r["response_a"] == r["response_b"] for r in records),
+    }
+
+
+@task(name="label_preferences", cache_policy=store.NO_PREFECT_CACHE, persist_result=False)
+def label_preferences_task(cfg: LabelConfig, st: store.Store, sl_cai: store.StepRef, constitution_path: Path,
+                           prompts_path: Path):
+    from constitutions.schema import load as load_constitution
+    from data.world import read_prompts
+
+    constitution = load_constitution(constitution_path)
+    prompts = read_prompts(prompts_path)
+    ref = st.run(
+        "label_preferences", cfg, inputs=[sl_cai], files=[constitution_path, prompts_path],
+        code=[__name__, "data", "tasks.feedback", "tasks.shards"],
+        work=lambda out: label(cfg, constitution, sl_cai.dir / "model", prompts, out),
+    )
+    return store.prefect_state(ref)

@@ -1,0 +1,161 @@
+"""reward_model: a scalar head on the SL-CAI backbone, trained on the AI-feedback soft labels.
+
+The loss is the cross-entropy between the soft label p = P(A better) and the Bradley-Terry probability of the rewards
+(Constitutional AI, arXiv 2212.08073, sec. 4.1 trains its preference model on such soft targets). It runs under the HF
+Trainer unchanged: a collator stacks each batch's A and B responses, `compute_loss_func` reads the pairs back.
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks import store
+from tasks.progress import last_complete_checkpoint, trainer_callback
+
+
+class RewardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(256, ge=16)
+    checkpoint_every: int = Field(100, ge=1)
+    seed: int = 0
+
+
+def soft_label_loss(r_a: torch.Tensor, r_b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """L = -[p log sigmoid(r_A - r_B) + (1 - p) log sigmoid(r_B - r_A)], averaged over pairs."""
+    return -(p * F.logsigmoid(r_a - r_b) + (1 - p) * F.logsigmoid(r_b - r_a)).mean()
+
+
+def expected_calibration_error(confidence: list[float], correct: list[bool], bins: int = 10) -> float:
+    """ECE = sum_b (n_b / n) * |accuracy_b - confidence_b| over equal-width confidence bins."""
+    total, ece = len(confidence), 0.0
+    for b in range(bins):
+        members = [i for i, c in enumerate(confidence) if b / bins <= c < (b + 1) / bins or (b == bins - 1 and c == 1)]
+        if members:
+            accuracy = sum(correct[i] for i in members) / len(members)
+            mean_conf = sum(confidence[i] for i in members) / len(members)
+            ece += len(members) / total * abs(accuracy - mean_conf)
+    return ece
+
+
+def encode(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                        tokenize=True, return_dict=True)["input_ids"]
+    return ids[-max_length:]  # keep the end: the reply is what is judged
+
+
+def pair_collator(pad_id: int):
+    def collate(rows: list[dict]) -> dict:
+        sequences = [r["a"] for r in rows] + [r["b"] for r in rows]
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), pad_id)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, s in enumerate(sequences):  # right padding: the head reads the last non-pad token
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["p"] for r in rows])}
+
+    return collate
+
+
+def pairwise_loss(outputs, labels, num_items_in_batch=None) -> torch.Tensor:
+    r_a, r_b = outputs.logits.squeeze(-1).float().chunk(2)
+    return soft_label_loss(r_a, r_b, labels.float())
+
+
+@torch.inference_mode()
+def rewards(model, tokenizer, prompts: list[str], responses: list[str], max_length: int, batch_size: int = 32):
+    model.eval()
+    out = []
+    collate = pair_collator(tokenizer.pad_token_id)
+    for start in range(0, len(prompts), batch_size):
+        rows = [{"a": encode(tokenizer, p, r, max_length), "b": [tokenizer.pad_token_id], "p": 0.0}
+                for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size])]
+        batch = collate(rows)
+        n = len(rows)
+        logits = model(input_ids=batch["input_ids"][:n], attention_mask=batch["attention_mask"][:n]).logits
+        out.extend(logits.squeeze(-1).float().tolist())
+    return out
+
+
+def judge_true_pairs(model, tokenizer, pairs: list[dict], max_length: int) -> dict:
+    """Accuracy and calibration against the world's true labels: each pair holds a better and a worse response."""
+    better = rewards(model, tokenizer, [p["prompt"] for p in pairs], [p["better"] for p in pairs], max_length)
+    worse = rewards(model, tokenizer, [p["prompt"] for p in pairs], [p["worse"] for p in pairs], max_length)
+    # A pairwise judge is calibrated when its confidence max(P, 1 - P) matches how often it picks the better response.
+    p_better = [1 / (1 + math.exp(-(rb - rw))) for rb, rw in zip(better, worse)]
+    confidence = [max(p, 1 - p) for p in p_better]
+    correct = [p >= 0.5 for p in p_better]
+    by_kind = {}
+    for kind in sorted({p["kind"] for p in pairs}):
+        idx = [i for i, p in enumerate(pairs) if p["kind"] == kind]
+        by_kind[f"heldout_accuracy_{kind}"] = round(sum(better[i] > worse[i] for i in idx) / len(idx), 4)
+    return {
+        "heldout_pairs": len(pairs),
+        "heldout_accuracy": round(sum(b > w for b, w in zip(better, worse)) / max(len(pairs), 1), 4),
+        **by_kind,
+        "heldout_ece": round(expected_calibration_error(confidence, correct), 4),
+    }
+
+
+def train_reward_model(cfg: RewardConfig, base: Path, labels: list[dict], true_pairs: list[dict], out_dir: Path) -> dict:
+    import datasets
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        PrinterCallback,
+        Trainer,
+        TrainingArguments,
+    )
+
+    import models  # noqa: F401  registers our backbones with the Auto classes
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    rows = [{"a": encode(tokenizer, r["prompt"], r["response_a"], cfg.max_length),
+             "b": encode(tokenizer, r["prompt"], r["response_b"], cfg.max_length), "p": r["p_a"]} for r in labels]
+    checkpoints = out_dir / "checkpoints"
+    args = TrainingArguments(
+        output_dir=str(checkpoints), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size, lr_scheduler_type="cosine", warmup_steps=0.05,
+        save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=2, logging_steps=10,
+        seed=cfg.seed, data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(), report_to=[],
+        disable_tqdm=True, remove_unused_columns=False,
+    )
+    progress = trainer_callback("reward_model")
+    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                      data_collator=pair_collator(tokenizer.pad_token_id), compute_loss_func=pairwise_loss,
+                      callbacks=[progress])
+    trainer.remove_callback(PrinterCallback)
+    result = trainer.train(resume_from_checkpoint=last_complete_checkpoint(checkpoints))
+    trainer.model.save_pretrained(out_dir / "model")
+    tokenizer.save_pretrained(out_dir / "model")
+    shutil.rmtree(checkpoints)  # only a crashed run needs them
+    (out_dir / "log_history.json").write_text(json.dumps(progress.history, indent=1))
+    return {"train_loss": round(result.training_loss, 4), "pairs": len(rows),
+            **judge_true_pairs(trainer.model, tokenizer, true_pairs, cfg.max_length)}
+
+
+@task(name="reward_model", cache_policy=store.NO_PREFECT_CACHE, persist_result=False)
+def reward_model_task(cfg: RewardConfig, st: store.Store, sl_cai: store.StepRef, labels: store.StepRef,
+                      world_dir: Path):
+    from data.world import true_preference_pairs
+    from tasks.shards import read_shards
+
+    ref = st.run(
+        "reward_model", cfg, inputs=[sl_cai, labels], code=[__name__, "data"],
+        work=lambda out: train_reward_model(cfg, sl_cai.dir / "model", read_shards(labels.dir),
+                                            true_preference_pairs(world_dir), out),
+    )
+    return store.prefect_state(ref)

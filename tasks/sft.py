@@ -1,0 +1,113 @@
+"""sft: supervised fine-tuning on chat conversations with TRL's SFTTrainer, loss on the assistant's tokens only.
+
+The sft step trains the helpful-only assistant (the paper's starting point) on the world's conversations plus the
+feedback-role demonstrations; sl_cai reuses `finetune` on the revisions. Optional LoRA (PEFT), merged before saving
+so that every later step reads a plain model directory.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks import store
+from tasks.progress import last_complete_checkpoint, trainer_callback
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(256, ge=16)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lora_rank: int = Field(0, ge=0, description="0 trains every weight; > 0 trains a LoRA adapter of this rank")
+    checkpoint_every: int = Field(200, ge=1, description="optimizer steps between resumable checkpoints")
+    seed: int = 0
+
+
+def finetune(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir: Path, step: str = "sft") -> dict:
+    """Fine-tune the model in `base` on `conversations` ({"messages": [...]}) and save it to out_dir/model."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    import models  # noqa: F401  registers our backbones with the Auto classes
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft_config = None
+    if cfg.lora_rank:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    checkpoints = out_dir / "checkpoints"
+    args = SFTConfig(
+        output_dir=str(checkpoints),
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type="cosine",
+        assistant_only_loss=True,
+        save_strategy="steps",
+        save_steps=cfg.checkpoint_every,
+        save_total_limit=2,
+        logging_steps=10,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not _has_gpu(),
+        bf16=False,
+        report_to=[],
+        disable_tqdm=True,
+        dataset_num_proc=None,
+    )
+    progress = trainer_callback(step)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(conversations),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[progress],
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout; progress has the numbers
+    result = trainer.train(resume_from_checkpoint=last_complete_checkpoint(checkpoints))
+    trained = trainer.model.merge_and_unload() if cfg.lora_rank else trainer.model
+    trained.save_pretrained(out_dir / "model")
+    tokenizer.save_pretrained(out_dir / "model")
+    shutil.rmtree(checkpoints)  # only a crashed run needs them; the output is the final model
+    losses = [h["loss"] for h in progress.history if "loss" in h]
+    (out_dir / "log_history.json").write_text(json.dumps(progress.history, indent=1))
+    return {
+        "train_loss": round(result.training_loss, 4),
+        "first_loss": round(losses[0], 4) if losses else None,
+        "last_loss": round(losses[-1], 4) if losses else None,
+        "examples": len(conversations),
+        "steps": result.global_step,
+    }
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@task(name="sft", cache_policy=store.NO_PREFECT_CACHE, persist_result=False)
+def sft_task(cfg: FinetuneConfig, st: store.Store, base: store.StepRef, world_dir: Path):
+    from data.world import feedback_demos, sft_conversations
+
+    def work(out: Path) -> dict:
+        data = sft_conversations(world_dir) + feedback_demos(world_dir)
+        return finetune(cfg, base.dir / "model", data, out, step="sft")
+
+    ref = st.run("sft", cfg, inputs=[base], files=sorted(world_dir.glob("*.jsonl")), code=[__name__], work=work)
+    return store.prefect_state(ref)

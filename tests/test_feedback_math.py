@@ -1,0 +1,93 @@
+"""The small formulas of the AI-feedback stages, checked against hand-computed numbers."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.label_preferences import LabelConfig, averaged_label, option_probability
+from tasks.reward_model import expected_calibration_error, soft_label_loss
+from tasks.rl import RLConfig, RLDiverged, guard
+
+
+def test_soft_label_loss_matches_the_formula():
+    r_a, r_b, p = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([0.9, 0.25])
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    expected = -((0.9 * math.log(sig(2)) + 0.1 * math.log(sig(-2))) + (0.25 * math.log(sig(-1)) + 0.75 * math.log(sig(1)))) / 2
+    assert soft_label_loss(r_a, r_b, p).item() == pytest.approx(expected, rel=1e-6)
+    # a hard label of 1 reduces it to the Bradley-Terry loss -log sigmoid(r_A - r_B)
+    assert soft_label_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1.0])).item() == pytest.approx(
+        -math.log(sig(1)), rel=1e-6)
+
+
+def test_option_probability_and_order_averaging():
+    assert option_probability([math.log(0.3), math.log(0.1)]) == pytest.approx([0.75, 0.25])
+    # a judge that always says "A" whatever the order: its label carries no preference
+    always_a_first, always_a_second = 0.9, 1 - 0.9
+    assert averaged_label(always_a_first, always_a_second) == pytest.approx(0.5)
+    assert averaged_label(0.8, 0.6) == pytest.approx(0.7)
+
+
+def test_chain_of_thought_clamps_by_default_and_bad_clamps_are_refused():
+    assert LabelConfig().effective_clamp() is None
+    assert LabelConfig(chain_of_thought=True).effective_clamp() == (0.4, 0.6)
+    with pytest.raises(ValueError, match="clamp"):
+        LabelConfig(clamp=(0.7, 0.3))
+
+
+def test_expected_calibration_error():
+    assert expected_calibration_error([0.95] * 20, [True] * 19 + [False]) == pytest.approx(0.0)
+    assert expected_calibration_error([0.9] * 10, [True] * 5 + [False] * 5) == pytest.approx(0.4)
+
+
+def test_rl_guard_stops_with_a_message_naming_the_step():
+    class State:
+        global_step = 7
+
+    callback = guard(RLConfig(kl_bound=0.5, min_mean_length=2))
+    callback.on_log(None, State(), None, logs={"kl": 0.1, "completions/mean_length": 12})
+    with pytest.raises(RLDiverged, match="rl step 7: KL 0.900 passed the bound 0.5"):
+        callback.on_log(None, State(), None, logs={"kl": 0.9})
+    with pytest.raises(RLDiverged, match="collapsed"):
+        callback.on_log(None, State(), None, logs={"kl": 0.1, "completions/mean_length": 1.0})
+
+
+SHARDED = textwrap.dedent("""
+    import random, sys, time
+    from pathlib import Path
+    from tasks.shards import run_shards, shard_seed
+
+    def work(number, batch):
+        rng = random.Random(shard_seed(7, number))
+        time.sleep(0.05)
+        return [{"item": x, "draw": rng.random()} for x in batch]
+
+    records = run_shards(Path(sys.argv[1]), list(range(40)), 4, work, step="demo")
+    print(len(records))
+""")
+
+
+def test_killed_shards_resume_without_duplicates_or_losses(tmp_path):
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    clean = subprocess.run([sys.executable, str(script), str(tmp_path / "clean")], env=env, check=True,
+                           capture_output=True, text=True)
+    assert clean.stdout.strip() == "40"
+    killed = tmp_path / "killed"
+    for delay in (1.2, 1.5):
+        proc = subprocess.Popen([sys.executable, str(script), str(killed)], env=env, stdout=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    subprocess.run([sys.executable, str(script), str(killed)], env=env, check=True, capture_output=True)
+    shards = sorted((killed / "shards").glob("*"))
+    assert [p.name for p in shards] == [f"shard-{i:05d}.jsonl" for i in range(10)]
+    assert [p.read_text() for p in shards] == [p.read_text() for p in sorted((tmp_path / "clean" / "shards").glob("*"))]
