@@ -2,7 +2,12 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from models import moe
+from models import dense, moe
+
+AutoConfig.register("alignflow_dense", dense.DenseConfig)
+AutoModel.register(dense.DenseConfig, dense.DenseModel)
+AutoModelForCausalLM.register(dense.DenseConfig, dense.DenseForCausalLM)
+AutoModelForSequenceClassification.register(dense.DenseConfig, dense.DenseForSequenceClassification)
 
 AutoConfig.register("alignflow_moe", moe.MoeConfig)
 AutoModel.register(moe.MoeConfig, moe.MoeModel)
@@ -11,6 +16,9 @@ AutoModelForSequenceClassification.register(moe.MoeConfig, moe.MoeForSequenceCla
 
 # Named sizes: each builder returns a config for a given vocab_size.
 SIZES = {
+    "dense-tiny": dense.dense_tiny,
+    "dense-30m": dense.dense_30m,
+    "dense-125m": dense.dense_125m,
     "moe-tiny": moe.moe_tiny,
     "moe-small": moe.moe_small,
     "moe-base": moe.moe_base,
