@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
@@ -25,6 +26,7 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 
+@strict  # checks each field's type (the Literal choices included) and runs validate_architecture
 class DenseConfig(PreTrainedConfig):
     model_type = "alignflow_dense"
 
@@ -51,6 +53,7 @@ class DenseConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    auto_map: dict | None = None  # TRL reads it to pick the Auto class for architectures outside transformers
 
     def __post_init__(self, **kwargs):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
