@@ -14,6 +14,7 @@ Departures from the paper, and why:
 """
 
 import math
+from dataclasses import field
 from typing import ClassVar, Literal
 
 import torch
@@ -53,7 +54,9 @@ class DenseConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    auto_map: dict | None = None  # TRL reads it to pick the Auto class for architectures outside transformers
+    # TRL reloads a reference model by architecture name and, for names outside transformers, reads auto_map;
+    # empty, it falls back to AutoModelForCausalLM, which `import models` has taught our classes.
+    auto_map: dict = field(default_factory=dict)
 
     def __post_init__(self, **kwargs):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
