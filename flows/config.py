@@ -10,6 +10,14 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.critique_revise import CritiqueReviseConfig
+from tasks.evaluate import EvaluateConfig
+from tasks.label_preferences import LabelConfig
+from tasks.pretrain import PretrainConfig
+from tasks.reward_model import RewardConfig
+from tasks.rl import RLConfig
+from tasks.sft import FinetuneConfig
+from tasks.sl_cai import SLCAIConfig
 from tasks.store import InputError
 from tasks.tokenizer import TokenizerConfig
 
@@ -28,7 +36,17 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     world: WorldConfig = WorldConfig()
+    constitution: Path = Field(ROOT / "constitutions" / "default.yaml", description="critique and comparison principles")
     tokenizer: TokenizerConfig = TokenizerConfig()
+    pretrain_dense: PretrainConfig = PretrainConfig(model="dense-tiny")
+    pretrain_moe: PretrainConfig = PretrainConfig(model="moe-tiny")
+    sft: FinetuneConfig = FinetuneConfig()
+    critique_revise: CritiqueReviseConfig = CritiqueReviseConfig()
+    sl_cai: SLCAIConfig = SLCAIConfig()
+    label_preferences: LabelConfig = LabelConfig()
+    reward_model: RewardConfig = RewardConfig()
+    rl: RLConfig = RLConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 def preset_path(preset: str) -> Path:

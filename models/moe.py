@@ -13,7 +13,7 @@ Departures from DeepSeek-V3, and why:
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -60,6 +60,9 @@ class MoeConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # TRL reloads a reference model by architecture name and, for names outside transformers, reads auto_map;
+    # empty, it falls back to AutoModelForCausalLM, which `import models` has taught our classes.
+    auto_map: dict = field(default_factory=dict)
 
 
 class RMSNorm(nn.Module):
