@@ -244,7 +244,7 @@ class DenseModel(DensePreTrainedModel):
                 use_cache=None, **kwargs):
         c = self.config
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        if c.scale_embeddings:
+        if c.scale_embeddings:  # inputs_embeds too: a multimodal stream passes text and media embeddings as one
             h = h * math.sqrt(c.hidden_size)
         if use_cache is None:
             use_cache = c.use_cache and not self.training

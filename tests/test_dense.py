@@ -13,6 +13,7 @@ from models.dense import (
     Block,
     DenseConfig,
     DenseForCausalLM,
+    FeedForward,
     apply_rope,
     causal_mask,
     dense_30m,
@@ -85,6 +86,21 @@ def test_attention_is_softmax_of_scaled_scores():
     assert out[0].tolist() == pytest.approx([1, 0, 0, 0])  # causal: the first query sees only the first key
     p = math.exp(2) / (math.exp(2) + 1)
     assert out[1].tolist() == pytest.approx([p, 1 - p, 0, 0], rel=1e-6)
+
+
+@pytest.mark.parametrize(("activation", "expected"), [
+    ("relu", [2.0 + 0.5, 0.0 + 0.5]),  # max(0, (2, -3)) + b_1 = (2, 0), through W_2 = I, plus b_2 = 0.5
+    ("gelu", [2.0 * 0.97725 + 0.5, -3.0 * 0.00135 + 0.5]),  # GELU(x) = x * Phi(x); Phi(2) = 0.97725
+    ("swiglu", [2.0 / (1 + math.exp(-2.0)) * 2.0 + 0.5, -3.0 / (1 + math.exp(3.0)) * -3.0 + 0.5]),  # Swish(xW) * xV
+])
+def test_feed_forward_numbers(activation, expected):
+    ffn = FeedForward(DenseConfig(hidden_size=2, num_attention_heads=1, intermediate_size=2, activation=activation))
+    with torch.no_grad():
+        for p in ffn.parameters():
+            p.copy_(torch.eye(2) if p.dim() == 2 else torch.zeros(2))
+        ffn.down_proj.bias.fill_(0.5)
+        out = ffn(torch.tensor([2.0, -3.0]))
+    assert out.tolist() == pytest.approx(expected, rel=1e-4)
 
 
 def test_causal_mask_with_cache_offset_and_padding():

@@ -166,3 +166,20 @@ def test_grpo_trainer_with_kl_penalty_trains_the_policy(tokenizer, tmp_path):
     assert all(moved.values()), [n for n, c in moved.items() if not c]
     reference = dict(trainer.ref_model.named_parameters())
     assert all(torch.equal(reference[n], before[n]) for n in before)  # the reference stays where it started
+
+
+@pytest.mark.parametrize("variant", [PAPER, MODERN])
+def test_bfloat16_loading_runs_close_to_float32(tokenizer, tmp_path, variant):
+    model = build(tokenizer, **variant).eval()
+    model.save_pretrained(tmp_path)
+    half = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert half.lm_head.weight.dtype == torch.bfloat16
+    ids = left_padded(tokenizer, ["Quenby is a town", "7 plus 1 is"])
+    with torch.no_grad():
+        full, low = model(**ids).logits, half(**ids).logits
+        generated = half.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert low.dtype == torch.bfloat16
+    real = ids["attention_mask"].bool()
+    # bf16 keeps 8 bits of mantissa: logits of order 1 agree to a few hundredths.
+    assert (low.float() - full)[real].abs().max() < 0.1
+    assert generated.shape == (2, ids["input_ids"].shape[1] + 4)
