@@ -1,17 +1,18 @@
 """pretrain: next-token pretraining of a backbone on the world corpus, with exact resume.
 
-One process trains in-process; `num_processes > 1` runs the same function under `accelerate launch` (one rank per
-process, gloo on CPU). Checkpoints every N steps hold everything a bit-identical continuation needs: weights (with the
-MoE routing biases, which are buffers), optimizer, scheduler, RNG states and the step, which fixes the data position.
+One process trains in-process; `num_processes > 1` (or an accelerate config file) runs this same function under
+`accelerate launch`, one rank per process (gloo on CPU). Checkpoints are `accelerator.save_state` folders written
+under a temporary name and renamed: weights (with the MoE routing biases, which are buffers), optimizer, scheduler,
+every rank's RNG states, and the step, which alone fixes the data position (batches are a seeded permutation).
 
-MFU counts 6N + 12·L·d·T FLOPs per token (N: non-embedding parameters that a token passes through; the attention term
-of PaLM, arXiv 2204.02311, appendix B) against the machine's matmul peak, measured once and kept.
+MFU = achieved model FLOP/s / the machine's matmul peak, measured once per machine and kept (measure_gemm_peak).
 """
 
+import hashlib
 import json
+import logging
 import math
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -22,13 +23,15 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks import store
 from tasks.progress import Progress
 
 PEAK_CACHE = Path.home() / ".cache" / "alignflow"
+log = logging.getLogger("alignflow.pretrain")
 
 
 class PretrainConfig(BaseModel):
@@ -36,289 +39,450 @@ class PretrainConfig(BaseModel):
 
     model: str = Field("dense-tiny", description="a size name from models.SIZES")
     seq_len: int = Field(128, ge=8)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="sequences per rank per step")
     max_steps: int = Field(600, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, le=1)
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     balancing: Literal["loss_free", "aux_loss", "none"] = Field("loss_free", description="MoE only")
-    bias_gamma: float = Field(0.001, ge=0, description="loss-free balancing: bias update speed")
-    aux_alpha: float = Field(0.01, ge=0, description="aux_loss balancing: sequence-wise balance loss weight")
+    bias_gamma: float = Field(0.001, ge=0, description="loss_free: bias update speed (DeepSeek-V3 sec. 4.2)")
+    aux_alpha: float = Field(0.01, ge=0, description="aux_loss: weight of the sequence-wise balance loss")
     dtype: Literal["float32", "bfloat16"] = "float32"
     checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(50, ge=1)
     val_fraction: float = Field(0.02, gt=0, lt=0.5)
     num_processes: int = Field(1, ge=1)
-    accelerate_config: Path | None = Field(None, description="an accelerate config file for multi-GPU or nodes")
+    accelerate_config: Path | None = Field(None, description="an accelerate config file (multi-GPU, nodes, FSDP)")
     seed: int = 0
+
+    @field_validator("model")
+    @classmethod
+    def known_size(cls, name: str) -> str:
+        import models
+
+        if name not in models.SIZES:
+            raise ValueError(f"unknown size {name!r}; sizes: {', '.join(models.SIZES)}")
+        return name
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def config_exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"no such file: {path}")
+        return path
+
+    @model_validator(mode="after")
+    def warmup_fits(self):
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------------------ data
 def token_blocks(tokenizer, lines: list[str], seq_len: int) -> torch.Tensor:
-    """Documents joined as <bos> doc <eos> ... and cut into rows of seq_len + 1 tokens (inputs and shifted labels)."""
+    """Documents joined as <bos> doc <eos> <bos> doc ... and cut into rows of seq_len tokens (the tail is dropped).
+    A row is its own labels: the model's loss shifts them by one."""
     ids = []
     for encoded in tokenizer(lines, add_special_tokens=False)["input_ids"]:
         ids += [tokenizer.bos_token_id, *encoded, tokenizer.eos_token_id]
-    rows = len(ids) // (seq_len + 1)
-    return torch.tensor(ids[: rows * (seq_len + 1)]).view(rows, seq_len + 1)
+    rows = len(ids) // seq_len
+    if rows < 2:
+        raise store.InputError(f"the corpus holds {len(ids)} tokens: fewer than two rows of seq_len={seq_len}")
+    return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
 
 
 def batch_rows(step: int, n_rows: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
-    """The rows of `step`'s batch on `rank`: a seeded permutation per epoch, so the step alone fixes the position."""
+    """The rows of `step`'s batch on `rank`: one seeded permutation per epoch, so the step alone fixes the data
+    position (nothing about the data needs checkpointing), and the ranks take disjoint slices of a global batch."""
     per_step = batch_size * world
-    epoch, offset = divmod(step * per_step, n_rows)
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-    chosen = [order[(offset + i) % n_rows] for i in range(per_step)]
-    return chosen[rank * batch_size : (rank + 1) * batch_size]
+    chosen = []
+    for i in range(step * per_step + rank * batch_size, step * per_step + (rank + 1) * batch_size):
+        epoch, offset = divmod(i, n_rows)
+        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        chosen.append(int(order[offset]))
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------------------------- MFU
-def flops_per_token(non_embedding_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
-    """6N + 12 L d T: forward and backward matmuls of the weights, plus attention scores and values."""
-    return 6 * non_embedding_params + 12 * n_layers * d_model * seq_len
+def flops_per_token(matmul_params: int, n_layers: int, qk_width: int, v_width: int, seq_len: int) -> float:
+    """6 N + 6 L T (d_qk + d_v): training FLOPs per token (PaLM, arXiv 2204.02311, appendix B: 6N + 12 L H Q T).
+    6N is forward (2N) and backward (4N) through the weights; attention adds Q.K^T and A.V, each 2 T d forward and
+    twice that backward per layer. With d_qk = d_v = H Q it is PaLM's 12 L H Q T; MLA's query/key heads are wider
+    than its value heads (d_h + d_h^R vs d_v), so they are counted apart. The causal mask is not discounted (as PaLM)."""
+    return 6 * matmul_params + 6 * n_layers * seq_len * (qk_width + v_width)
 
 
-def measure_gemm_peak(dtype: torch.dtype, device: str = "cpu", size: int = 2048) -> float:
-    """FLOP/s of a large matmul on this machine, measured once per host, dtype and device and kept on disk."""
-    key = f"peak-{socket.gethostname()}-{device}-{str(dtype).split('.')[-1]}-{torch.get_num_threads()}t.json"
-    path = PEAK_CACHE / key
-    if path.exists():
-        return json.loads(path.read_text())["flops"]
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    for _ in range(2):
-        a @ b
-    best = math.inf
-    for _ in range(5):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    flops = 2 * size**3 / best
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"flops": flops, "size": size}))
-    return flops
-
-
-def active_non_embedding_params(model) -> int:
-    """Parameters a token passes through: routed experts count K of N, embeddings and MTP heads not at all."""
+def matmul_params(model) -> int:
+    """N of flops_per_token: the weights a token is multiplied with. The input embedding is a lookup, not a matmul;
+    the output projection is counted (even when tied to it) once per head that applies it (the MTP modules reuse it);
+    a routed expert's weights count K_r / N_r (each token visits K_r of the N_r experts)."""
     config = model.config
-    total = 0
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    heads = 1 + len(getattr(model, "mtp", []))
+    total = head.numel() * heads
     for name, p in model.named_parameters():
-        if "embed" in name or "lm_head" in name or name.startswith("mtp"):
+        if p is embedding or p is head:
             continue
-        if ".experts." in name and getattr(config, "n_routed_experts", 0):
+        if ".experts." in name:
             total += p.numel() * config.num_experts_per_tok // config.n_routed_experts
         else:
             total += p.numel()
     return total
 
 
+def attention_widths(config) -> tuple[int, int]:
+    """(d_qk, d_v) summed over heads, for the attention term of flops_per_token."""
+    if hasattr(config, "kv_lora_rank"):  # MLA
+        return (config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim),
+                config.num_attention_heads * config.v_head_dim)
+    width = config.num_attention_heads * (getattr(config, "head_dim", None) or
+                                          config.hidden_size // config.num_attention_heads)
+    return width, width
+
+
+def measure_gemm_peak(dtype: torch.dtype, device: str = "cpu", cache_dir: Path = PEAK_CACHE,
+                      size: int = 2048) -> float:
+    """The machine's dense matmul FLOP/s (2 n^3 per n x n product; best of several), measured once per host,
+    device, dtype and thread count, and kept in a small JSON under cache_dir."""
+    name = torch.cuda.get_device_name().replace(" ", "_") if device == "cuda" else f"{torch.get_num_threads()}t"
+    path = cache_dir / f"peak-{socket.gethostname()}-{device}-{name}-{str(dtype).split('.')[-1]}.json"
+    if path.exists():
+        return json.loads(path.read_text())["flops"]
+    size = 8192 if device == "cuda" else size  # a GPU needs a bigger product to reach its peak
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    best = math.inf
+    for i in range(8):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:  # the first products warm caches and pick kernels
+            best = min(best, time.perf_counter() - start)
+    flops = 2 * size**3 / best
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"flops": flops, "size": size, "dtype": str(dtype), "device": device}))
+    tmp.rename(path)
+    return flops
+
+
 # ------------------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, losses: list[float]) -> None:
+class TrainState:
+    """What the loop itself carries between steps; saved with each checkpoint through register_for_checkpointing."""
+
+    def __init__(self):
+        self.step, self.losses, self.moe = 0, [], []
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "losses": self.losses, "moe": self.moe}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.losses, self.moe = state["step"], state["losses"], state["moe"]
+
+
+def checkpoint_steps(folder: Path) -> list[int]:
+    """Steps of the complete checkpoints, oldest first: only a renamed `step-<N>` folder is complete."""
+    return sorted(int(p.name[5:]) for p in folder.glob("step-*")) if folder.is_dir() else []
+
+
+def save_checkpoint(accelerator, folder: Path, step: int) -> None:
+    """Every rank writes into `.step-<N>.tmp`; then rank 0 renames it, so a kill at any moment leaves the previous
+    checkpoint as the newest complete one, and removes the older ones."""
     tmp = folder / f".step-{step}.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save({
-        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "losses": losses,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-    }, tmp / "state.pt")
-    tmp.rename(folder / f"step-{step}")  # a kill before this line leaves the previous checkpoint as the newest
-    for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name[5:]))[:-2]:
-        shutil.rmtree(old)
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.rename(folder / f"step-{step}")
+        for old in checkpoint_steps(folder)[:-1]:
+            shutil.rmtree(folder / f"step-{old}")
+    accelerator.wait_for_everyone()
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[int, list[float]]:
-    for stale in folder.glob(".step-*.tmp"):
-        shutil.rmtree(stale)
-    checkpoints = sorted(folder.glob("step-*"), key=lambda p: int(p.name[5:]))
-    if not checkpoints:
-        return 0, []
-    state = torch.load(checkpoints[-1] / "state.pt", weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    return state["step"], state["losses"]
+def resume(accelerator, folder: Path) -> int:
+    """Load the newest complete checkpoint (model, optimizer, scheduler, RNG, TrainState); return its step."""
+    steps = checkpoint_steps(folder)
+    if not steps:
+        return 0
+    accelerator.load_state(str(folder / f"step-{steps[-1]}"))
+    return steps[-1]
 
 
 # --------------------------------------------------------------------------------------------------------- training
 def build_model(cfg: PretrainConfig, tokenizer):
+    """The backbone named by cfg.model, sized to the tokenizer, with the MoE's balancing chosen by cfg.balancing."""
+    from transformers import AutoModelForCausalLM
+
     import models
 
-    if cfg.model not in models.SIZES:
-        raise store.InputError(f"pretrain.model: unknown size {cfg.model!r} (sizes: {', '.join(models.SIZES)})")
     config = models.SIZES[cfg.model](vocab_size=len(tokenizer))
     config.pad_token_id, config.bos_token_id, config.eos_token_id = (
         tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    if hasattr(config, "seq_aux_alpha"):  # the MoE: choose its balancing
+    if hasattr(config, "n_routed_experts"):
         config.seq_aux_alpha = cfg.aux_alpha if cfg.balancing == "aux_loss" else 0.0
         config.bias_update_speed = cfg.bias_gamma if cfg.balancing == "loss_free" else 0.0
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_config(config)
 
 
-def pretrain(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir: Path, on_progress=None) -> dict:
-    """Train, checkpointing into out_dir/checkpoints; save out_dir/model and the loss curve; return metrics."""
-    if cfg.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+def lm_loss(out) -> torch.Tensor:
+    """The next-token loss alone: the MoE's training loss also holds its balance loss and MTP loss."""
+    loss = out.loss
+    for extra in (getattr(out, "aux_loss", None), getattr(out, "mtp_loss", None)):
+        if extra is not None:
+            loss = loss - extra
+    return loss
+
+
+def pretrain(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir: Path, on_progress=None,
+             peak_cache: Path = PEAK_CACHE) -> dict:
+    """Train, checkpointing into out_dir/checkpoints and resuming from the newest one; save out_dir/model (weights
+    and tokenizer), loss.csv, loss.png and metrics.json; return the metrics.
+    on_progress(step, total, metrics) is called on rank 0 after every step."""
+    if (cfg.num_processes > 1 or cfg.accelerate_config) and "LOCAL_RANK" not in os.environ:
         return launch(cfg, tokenizer_dir=tokenizer_dir, corpus=corpus, out_dir=out_dir)
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
     from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-    from models.balancing import routing_stats, update_biases
+    from models.balancing import max_violation, update_biases
+    from models.moe import Gate
     from tasks.tokenizer import read_corpus
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if cfg.dtype == "bfloat16" else "no")
+    out_dir = Path(out_dir)
+    # bf16 is autocast around the forward below (fp32 master weights), not Accelerator(mixed_precision=...): the
+    # accelerator's state is one per process and refuses a second precision, and the pipeline trains several models.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    set_seed(cfg.seed)  # python, numpy and torch: the same initial weights on every rank
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     blocks = token_blocks(tokenizer, read_corpus(corpus), cfg.seq_len)
     n_val = max(1, int(len(blocks) * cfg.val_fraction))
     train_blocks, val_blocks = blocks[:-n_val], blocks[-n_val:]
     model = build_model(cfg, tokenizer)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    # No weight decay on norms and biases (1-D), as GPT-2/3 and Llama.
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+    ], lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
-    checkpoints = out_dir / "checkpoints"
-    start, losses = load_checkpoint(checkpoints, model, optimizer, scheduler)
+    # The scheduler is registered, not prepared: a prepared one steps num_processes times per optimizer step.
     model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    checkpoints = out_dir / "checkpoints"
+    if accelerator.is_main_process:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoints.glob(".step-*.tmp"):  # cut short by a kill: never complete
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    start = resume(accelerator, checkpoints)
+    log.info("rank %d of %d: training %s from step %d%s", rank, world, cfg.model, start,
+             f" (resumed from {checkpoints})" if start else "")
     unwrapped = accelerator.unwrap_model(model)
-    is_moe = hasattr(unwrapped.config, "n_routed_experts")
+    gates = [m for m in unwrapped.modules() if isinstance(m, Gate)]
     progress = Progress(f"pretrain {cfg.model}", cfg.max_steps, unit="step") if rank == 0 else None
-    moe_log, tokens, started = [], 0, time.perf_counter()
+    step_seconds, step_tokens = [], 0
     model.train()
     for step in range(start, cfg.max_steps):
+        began = time.perf_counter()
         rows = train_blocks[batch_rows(step, len(train_blocks), cfg.batch_size, cfg.seed, rank, world)]
         rows = rows.to(accelerator.device)
-        loss = model(input_ids=rows[:, :-1], labels=rows[:, :-1]).loss
+        with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            out = model(input_ids=rows, labels=rows)
+        loss = out.loss
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretrain {cfg.model}: loss is {loss.item()} at step {step + 1}; the last good "
-                                     f"checkpoint is kept in {checkpoints}")
+            kept = checkpoint_steps(checkpoints)
+            raise FloatingPointError(
+                f"pretrain {cfg.model}: loss is {loss.item()} at step {step + 1}; stopped before updating the "
+                f"weights. Last good checkpoint: {checkpoints / f'step-{kept[-1]}' if kept else 'none'}")
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if is_moe:
-            violations = update_biases(unwrapped, unwrapped.config.bias_update_speed)
-            moe_log.append({"step": step + 1, "max_vio": violations})
-        losses.append(accelerator.reduce(loss.detach(), "mean").item())
-        tokens += rows.numel() * world
+        if gates:
+            # update_biases all-reduces these load tensors in place: afterwards they hold the global batch's loads.
+            loads = [g.load_since_update for g in gates]
+            update_biases(unwrapped, unwrapped.config.bias_update_speed)
+            state.moe.append({"loads": [load.tolist() for load in loads],
+                              "max_vio": [max_violation(load) for load in loads],
+                              "bias_norm": [g.e_score_correction_bias.norm().item() for g in gates]})
+        state.losses.append(accelerator.reduce(lm_loss(out).detach().float(), "mean").item())
+        state.step = step + 1
+        step_seconds.append(time.perf_counter() - began)
+        step_tokens = rows.numel() * world
+        shown = {"loss": state.losses[-1]}
+        if state.moe:
+            shown["max_vio"] = float(np.mean(state.moe[-1]["max_vio"]))
         if progress is not None:
-            progress(step + 1, cfg.max_steps, {"loss": losses[-1]})
+            progress(state.step, cfg.max_steps, shown)
         if on_progress is not None and rank == 0:
-            on_progress(step + 1, cfg.max_steps, {"loss": losses[-1]})
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps and accelerator.is_main_process:
-            save_checkpoint(checkpoints, step + 1, unwrapped, optimizer, scheduler, losses)
-        accelerator.wait_for_everyone()
-    seconds = time.perf_counter() - started
+            on_progress(state.step, cfg.max_steps, shown)
+        if rank == 0 and (state.step % cfg.log_every == 0 or state.step == cfg.max_steps):
+            log.info("pretrain %s step %d/%d %s", cfg.model, state.step, cfg.max_steps,
+                     " ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+        if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
+            save_checkpoint(accelerator, checkpoints, state.step)
     if progress is not None:
         progress.close()
-    metrics = {"final_loss": round(float(np.mean(losses[-10:])), 4), "steps": cfg.max_steps}
-    metrics["val_loss"] = round(validation_loss(unwrapped, val_blocks, accelerator.device), 4)
-    if tokens:
-        throughput = tokens / seconds
+
+    metrics = {"steps": cfg.max_steps, "final_loss": round(float(np.mean(state.losses[-10:])), 4),
+               "val_loss": round(validation_loss(unwrapped, val_blocks, accelerator.device, cfg.batch_size), 4),
+               "parameters": sum(p.numel() for p in unwrapped.parameters())}
+    timed = step_seconds[2:] if len(step_seconds) > 4 else step_seconds  # the first steps warm up kernels
+    if timed:
+        throughput = step_tokens / float(np.mean(timed))
         peak = measure_gemm_peak(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32,
-                                 "cuda" if torch.cuda.is_available() else "cpu")
-        per_token = flops_per_token(active_non_embedding_params(unwrapped), unwrapped.config.num_hidden_layers,
-                                    unwrapped.config.hidden_size, cfg.seq_len)
-        metrics.update({"tokens_per_s": round(throughput, 1), "mfu": round(throughput * per_token / peak, 4),
-                        "peak_flops": round(peak)})
-    if is_moe:
-        stats = routing_stats(unwrapped)
-        tail = [max(r["max_vio"]) for r in moe_log[-max(len(moe_log) // 5, 1) :] if r["max_vio"]]
-        metrics.update({"max_vio_last20pct": round(float(np.mean(tail)), 4) if tail else None,
-                        "expert_loads": stats["loads"],
-                        "bias_norms": [round(g.e_score_correction_bias.norm().item(), 5)
-                                       for g in unwrapped.modules() if hasattr(g, "e_score_correction_bias")]})
+                                 accelerator.device.type, peak_cache)
+        qk, v = attention_widths(unwrapped.config)
+        per_token = flops_per_token(matmul_params(unwrapped), unwrapped.config.num_hidden_layers, qk, v, cfg.seq_len)
+        metrics.update({"tokens_per_s": round(throughput, 1), "flops_per_token": per_token,
+                        "peak_flops": round(peak), "mfu": round(throughput * per_token / (peak * world), 4)})
+    if gates:
+        metrics.update(moe_metrics(state.moe, gates))
+        c = unwrapped.config
         from models.moe import mla_kv_elements_per_token
 
-        c = unwrapped.config
         element = 2 if cfg.dtype == "bfloat16" else 4
         metrics["kv_bytes_per_token"] = element * mla_kv_elements_per_token(c.kv_lora_rank, c.qk_rope_head_dim,
                                                                             c.num_hidden_layers)
     if accelerator.is_main_process:
         unwrapped.save_pretrained(out_dir / "model")
         tokenizer.save_pretrained(out_dir / "model")
-        write_curve(out_dir, losses, moe_log)
+        write_curve(out_dir, state.losses, state.moe)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out_dir / "ranks").mkdir(exist_ok=True)
     accelerator.wait_for_everyone()
-    (out_dir / "ranks" / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "world": world,
-                                                                     "final_loss": losses[-1]}))
-    if accelerator.is_main_process and checkpoints.exists():
-        shutil.rmtree(checkpoints)
+    # Each rank leaves a marker with a digest of its weights: ranks that trained in step hold identical ones.
+    (out_dir / "ranks" / f"rank-{rank}.json").write_text(json.dumps(
+        {"rank": rank, "world": world, "weights_sha256": weights_digest(unwrapped), "last_loss": state.losses[-1]}))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(checkpoints)  # the final model is saved; checkpoints only serve a rerun of an unfinished run
+    accelerator.end_training()
     return metrics
 
 
+def moe_metrics(history: list[dict], gates) -> dict:
+    """Routing over the last 20% of steps: MaxVio (mean over MoE layers, then over steps), each layer's share of the
+    assignments per expert, and each layer's final bias norm."""
+    tail = history[-max(len(history) // 5, 1):]
+    loads = np.sum([r["loads"] for r in tail], axis=0)  # (layers, experts)
+    return {"max_vio_last20pct": round(float(np.mean([np.mean(r["max_vio"]) for r in tail])), 4),
+            "expert_loads": np.round(loads / loads.sum(-1, keepdims=True), 4).tolist(),
+            "bias_norms": [round(g.e_score_correction_bias.norm().item(), 5) for g in gates]}
+
+
 @torch.inference_mode()
-def validation_loss(model, blocks: torch.Tensor, device, batch_size: int = 16) -> float:
+def validation_loss(model, blocks: torch.Tensor, device, batch_size: int) -> float:
+    """Mean next-token cross-entropy over the held-out rows (the LM loss only, for every backbone)."""
     model.eval()
-    total = 0.0
+    total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
         rows = blocks[start : start + batch_size].to(device)
-        total += model(input_ids=rows[:, :-1], labels=rows[:, :-1]).loss.item() * len(rows)
+        logits = model(input_ids=rows, use_cache=False).logits[:, :-1].float()
+        total += F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").item()
+        count += rows[:, 1:].numel()
     model.train()
-    return total / len(blocks)
+    return total / count
 
 
-def write_curve(out_dir: Path, losses: list[float], moe_log: list[dict]) -> None:
+def weights_digest(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_curve(out_dir: Path, losses: list[float], moe: list[dict]) -> None:
+    """loss.csv (step, loss, and for the MoE each step's MaxVio and bias norm averaged over layers) and loss.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with open(out_dir / "loss.csv", "w") as f:
-        f.write("step,loss,max_vio\n")
+        f.write("step,loss,max_vio,bias_norm\n" if moe else "step,loss\n")
         for i, loss in enumerate(losses):
-            vio = max(moe_log[i]["max_vio"]) if i < len(moe_log) and moe_log[i]["max_vio"] else ""
-            f.write(f"{i + 1},{loss:.6f},{vio}\n")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+            extra = f",{np.mean(moe[i]['max_vio']):.6f},{np.mean(moe[i]['bias_norm']):.6f}" if moe else ""
+            f.write(f"{i + 1},{loss!r}{extra}\n")
+    fig, axes = plt.subplots(1, 2 if moe else 1, figsize=(10 if moe else 6, 3.5), squeeze=False)
+    axes[0, 0].plot(range(1, len(losses) + 1), losses)
+    axes[0, 0].set(xlabel="step", ylabel="training loss (next token)", yscale="log")
+    if moe:
+        axes[0, 1].plot(range(1, len(moe) + 1), [np.mean(r["max_vio"]) for r in moe])
+        axes[0, 1].set(xlabel="step", ylabel="MaxVio (mean over MoE layers)")
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=100)
     plt.close(fig)
 
 
+def publish(out_dir: Path, metrics: dict) -> None:
+    """Inside a Prefect task run: the metrics and the loss curve (every ~100th step) as table artifacts."""
+    from prefect.artifacts import create_table_artifact
+    from prefect.context import TaskRunContext
+
+    if TaskRunContext.get() is None:
+        return
+    flat = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+    create_table_artifact([{"metric": k, "value": v} for k, v in flat.items()], description="pretrain: metrics")
+    lines = (out_dir / "loss.csv").read_text().splitlines()
+    header, rows = lines[0].split(","), [line.split(",") for line in lines[1:]]
+    keep = rows[:: max(len(rows) // 100, 1)] + rows[-1:]
+    create_table_artifact([dict(zip(header, r, strict=True)) for r in keep],
+                          description=f"pretrain: loss curve (plot: {out_dir / 'loss.png'})")
+
+
 # ---------------------------------------------------------------------------------------------------- multi-process
 def launch(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir: Path) -> dict:
-    """Run this module under `accelerate launch`, stream every rank's log lines, fail naming the rank that failed."""
+    """Run `python -m tasks.pretrain` under `accelerate launch`, stream the ranks' log lines, and fail naming every
+    rank that failed (each rank writes ranks/rank-<N>.error before it exits)."""
+    out_dir = Path(out_dir)
+    (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
+    for old in (out_dir / "ranks").glob("rank-*"):
+        old.unlink()
     config_file = out_dir / "pretrain_config.json"
     config_file.write_text(cfg.model_dump_json())
     if cfg.accelerate_config:
         launcher = ["--config_file", str(cfg.accelerate_config)]
-    else:  # --cpu would silently run one process: --multi_gpu with gloo gives real ranks on CPU
+    else:  # --cpu would silently run one process; --multi_gpu without a GPU gives gloo ranks on the CPU
         launcher = ["--multi_gpu", "--num_processes", str(cfg.num_processes), "--num_machines", "1",
-                    "--main_process_port", str(free_port())]
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "-m", "tasks.pretrain",
                "--config", str(config_file), "--tokenizer", str(tokenizer_dir), "--corpus", str(corpus),
                "--out", str(out_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "" if torch.cuda.is_available() else "1",
-           "PYTHONUNBUFFERED": "1"}
-    import logging
-
-    log = logging.getLogger("alignflow.pretrain")
+    # One thread per rank: ranks that each take every core run ~30x slower on a small machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    logger = run_logger()
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         tail = []
         for line in proc.stdout:
-            log.info(line.rstrip())
-            tail = (tail + [line.rstrip()])[-20:]
-    if proc.returncode != 0:
-        failed = next((line for line in reversed(tail) if "rank" in line.lower()), tail[-1] if tail else "")
-        raise RuntimeError(f"accelerate launch exited {proc.returncode}: {failed}")
-    return json.loads((out_dir / "metrics.json").read_text())
+            logger.info(line.rstrip())
+            tail = [*tail[-19:], line.rstrip()]
+    errors = sorted((out_dir / "ranks").glob("rank-*.error"))
+    if proc.returncode != 0 or errors:
+        if errors:
+            reasons = "; ".join(f"{e.stem}: {e.read_text().strip()}" for e in errors)
+        else:
+            reasons = "no rank reported an error; last lines:\n" + "\n".join(tail)
+        raise RuntimeError(f"pretrain under accelerate launch exited {proc.returncode}: {reasons}")
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    publish(out_dir, metrics)
+    return metrics
+
+
+def run_logger():
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
 
 
 def free_port() -> int:
@@ -328,25 +492,43 @@ def free_port() -> int:
 
 
 def main() -> None:
+    """One rank (under accelerate launch) or a whole single-process run: python -m tasks.pretrain --config ..."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="one rank of the pretrain step (run by accelerate launch)")
-    parser.add_argument("--config", type=Path, required=True)
+    parser = argparse.ArgumentParser(description="the pretrain step's training function, from the command line")
+    parser.add_argument("--config", type=Path, required=True, help="a JSON PretrainConfig")
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--corpus", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    rank = int(os.environ.get("RANK", "0"))
+    # Our own handler: Prefect has configured the root logger by now, and the launcher reads stdout line by line.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if "OMP_NUM_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     cfg = PretrainConfig.model_validate_json(args.config.read_text())
-    metrics = pretrain(cfg, tokenizer_dir=args.tokenizer, corpus=args.corpus, out_dir=args.out)
-    if int(os.environ.get("RANK", "0")) == 0:
-        (args.out / "metrics.json").write_text(json.dumps(metrics))
+    try:
+        pretrain(cfg, tokenizer_dir=args.tokenizer, corpus=args.corpus, out_dir=args.out)
+    except Exception as e:
+        if "LOCAL_RANK" in os.environ:
+            (args.out / "ranks").mkdir(parents=True, exist_ok=True)
+            (args.out / "ranks" / f"rank-{rank}.error").write_text(f"{type(e).__name__}: {e}")
+        raise
 
 
 @task(name="pretrain", cache_policy=store.NO_PREFECT_CACHE, persist_result=False)
 def pretrain_task(step: str, cfg: PretrainConfig, st: store.Store, tokenizer: store.StepRef, corpus: Path):
-    ref = st.run(step, cfg, inputs=[tokenizer], files=[corpus], code=[__name__],
-                 work=lambda out: pretrain(cfg, tokenizer_dir=tokenizer.dir, corpus=corpus, out_dir=out))
+    def work(out: Path) -> dict:
+        metrics = pretrain(cfg, tokenizer_dir=tokenizer.dir, corpus=corpus, out_dir=out)
+        if not (cfg.num_processes > 1 or cfg.accelerate_config):  # launch() publishes its own
+            publish(out, metrics)
+        return metrics
+
+    ref = st.run(step, cfg, inputs=[tokenizer], files=[corpus], code=[__name__], work=work)
     return store.prefect_state(ref)
 
 
