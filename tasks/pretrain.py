@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks import store
 from tasks.progress import Progress
@@ -71,12 +71,6 @@ class PretrainConfig(BaseModel):
         if path is not None and not path.is_file():
             raise ValueError(f"no such file: {path}")
         return path
-
-    @model_validator(mode="after")
-    def warmup_fits(self):
-        if self.warmup_steps >= self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
-        return self
 
 
 # ------------------------------------------------------------------------------------------------------------ data
