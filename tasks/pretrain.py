@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -452,11 +453,15 @@ def launch(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir: P
     # One thread per rank: ranks that each take every core run ~30x slower on a small machine.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     logger = run_logger()
+    progress = Progress(f"pretrain {cfg.model} ({cfg.num_processes} processes)", cfg.max_steps, unit="step")
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         tail = []
         for line in proc.stdout:
             logger.info(line.rstrip())
             tail = [*tail[-19:], line.rstrip()]
+            if done := re.match(r"\[rank 0\] pretrain \S+ step (\d+)/", line):  # rank 0's lines every log_every
+                progress(int(done[1]))
+    progress.close()
     errors = sorted((out_dir / "ranks").glob("rank-*.error"))
     if proc.returncode != 0 or errors:
         if errors:
@@ -514,7 +519,7 @@ def main() -> None:
         raise
 
 
-@task(name="pretrain", cache_policy=store.NO_PREFECT_CACHE, persist_result=False)
+@task(name="pretrain", task_run_name="{step}", cache_policy=store.NO_PREFECT_CACHE, persist_result=False)
 def pretrain_task(step: str, cfg: PretrainConfig, st: store.Store, tokenizer: store.StepRef, corpus: Path):
     def work(out: Path) -> dict:
         metrics = pretrain(cfg, tokenizer_dir=tokenizer.dir, corpus=corpus, out_dir=out)

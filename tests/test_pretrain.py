@@ -177,7 +177,22 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(inputs, tm
     assert not (tmp_path / "model").exists()
 
 
-def test_two_gloo_ranks_train_the_same_weights(inputs, tmp_path, caplog):
+def test_two_gloo_ranks_train_the_same_weights(inputs, tmp_path, caplog, monkeypatch):
+    import tasks.pretrain as module
+
+    shown = []
+
+    class Recorder:  # stands in for the bar and the Prefect progress artifact
+        def __init__(self, step, total, unit):
+            pass
+
+        def __call__(self, done, total=None, metrics=None):
+            shown.append(done)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(module, "Progress", Recorder)
     cfg = PretrainConfig(model="dense-tiny", max_steps=4, checkpoint_every=2, num_processes=2, **TINY)
     with caplog.at_level("INFO", logger="alignflow.pretrain"):
         metrics = pretrain(cfg, tokenizer_dir=inputs[0], corpus=inputs[1], out_dir=tmp_path)
@@ -190,6 +205,7 @@ def test_two_gloo_ranks_train_the_same_weights(inputs, tmp_path, caplog):
     logged = caplog.text
     assert "[rank 0] rank 0 of 2: training dense-tiny" in logged and "[rank 1] rank 1 of 2: training" in logged
     assert "step 4/4" in logged  # rank 0's progress lines reached our logger
+    assert shown == [1, 2, 3, 4]  # ... and drove the progress display (log_every=1)
     assert metrics["steps"] == 4 and len((tmp_path / "loss.csv").read_text().splitlines()) == 5
 
 
