@@ -129,8 +129,8 @@ def _dotted(loc: tuple) -> str:
 
 
 def _apply_set(values: dict, item: str) -> None:
-    if "=" not in item or "." not in item.split("=", 1)[0]:
-        raise InputError(f"--set {item}: expected step.field=value")
+    if "=" not in item or not item.split("=", 1)[0]:
+        raise InputError(f"--set {item}: expected step.field=value (or a top-level field=value)")
     dotted, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw else ""

@@ -103,7 +103,7 @@ def train_rl(cfg: RLConfig, policy: Path, reward_model: Path, prompts: list[dict
         data_seed=cfg.seed,
         use_cpu=on_cpu,
         bf16=False,
-        gradient_checkpointing=False,  # TRL turns it on by default: 2x slower on these tiny models
+        activation_checkpointing=False,  # TRL turns it on by default: 2x slower on these tiny models
         report_to=[],
         disable_tqdm=True,
     )

@@ -103,6 +103,7 @@ def test_two_runs_at_once_share_one_output(tmp_path, world):
         (["--set", "tokenizer.vocab_sise=500"], None, "--set tokenizer.vocab_sise=500: tokenizer.vocab_sise: unknown field"),
         (["--set", "tokenizer.vocab_size=many"], None, "tokenizer.vocab_size: Input should be a valid integer"),
         (["--set", "nonsense"], None, "--set nonsense: expected step.field=value"),
+        (["--set", "nonsense=1"], None, "--set nonsense=1: nonsense: unknown field"),
         ([], "tokenizer:\n  vocab_size: 500\n  min_frequency: often\n", "bad.yaml:3: tokenizer.min_frequency"),
         ([], "tokenizer:\n  vocab_size: [500\n", "bad.yaml:3: YAML error"),
         ([], "tokenizr:\n  vocab_size: 500\n", "bad.yaml:1: tokenizr: unknown field"),
@@ -143,3 +144,14 @@ def test_runs_lists_the_flow_run_and_its_task_runs(tmp_path, world):
                                        capture_output=True, text=True, check=True).stdout)
     assert [t["name"].rsplit("-", 1)[0] for t in detail["tasks"]] == ["tokenizer"]
     assert detail["state"] == "Completed"
+
+
+def test_steps_and_config_show():
+    steps = subprocess.run([sys.executable, "-m", "flows.cli", "steps"], capture_output=True, text=True, check=True)
+    assert "sft" in steps.stdout and "critique_revise      <- sft" in steps.stdout
+    shown = subprocess.run([sys.executable, "-m", "flows.cli", "config", "show", "--set", "sft.epochs=1.5"],
+                           capture_output=True, text=True, check=True)
+    import yaml
+
+    resolved = yaml.safe_load(shown.stdout)
+    assert resolved["sft"]["epochs"] == 1.5 and resolved["tokenizer"]["vocab_size"] == 2048

@@ -1,0 +1,84 @@
+"""The whole pipeline on the smoke preset: every step runs, a rerun reuses everything, and editing one constitution
+principle re-runs critique_revise and what follows it while reusing everything before."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.config import ROOT, load_config
+from flows.pipeline import STEP_GRAPH, pipeline
+from tasks.store import Store
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+BEFORE_CONSTITUTION = {"tokenizer", "pretrain_dense", "pretrain_moe", "sft", "evaluate_sft"}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    constitution = tmp / "constitution.yaml"
+    shutil.copy(ROOT / "constitutions" / "default.yaml", constitution)
+    cfg = load_config("smoke", [f"constitution={constitution}"])
+    store = Store(tmp / "store")
+    state = pipeline(cfg, store, return_state=True)
+    assert state.is_completed(), state.message
+    return tmp, constitution, store.history, str(state.state_details.flow_run_id)
+
+
+def by_name(history):
+    return {step["name"]: step for step in history}
+
+
+def test_every_step_runs_and_reports_metrics(first_run):
+    _, _, history, _ = first_run
+    steps = by_name(history)
+    assert set(steps) == set(STEP_GRAPH)
+    assert all(s["state"] == "Completed" for s in history)
+    assert steps["pretrain_dense"]["metrics"]["val_loss"] < 7.0  # ln(1024) = 6.9 is a uniform guess
+    assert steps["reward_model"]["metrics"]["heldout_pairs"] > 0
+    assert steps["rl"]["metrics"]["steps"] == 2
+    assert "heldout_entity/compliance" in steps["evaluate_rl"]["metrics"]
+
+
+def test_editing_one_principle_reruns_critique_revise_and_after_only(first_run):
+    tmp, constitution, history, _ = first_run
+    text = constitution.read_text()
+    constitution.write_text(text.replace("Say what it reveals.", "Name exactly what it reveals."))
+    cfg = load_config("smoke", [f"constitution={constitution}"])
+    again = by_name(pipeline(cfg, Store(tmp / "store")))
+    first = by_name(history)
+    for name, step in again.items():
+        if name in BEFORE_CONSTITUTION:
+            assert step["state"] == "Cached" and step["key"] == first[name]["key"], name
+        else:
+            assert step["state"] == "Completed" and step["key"] != first[name]["key"], name
+
+
+def test_the_ui_sees_cached_steps_progress_and_metric_tables(first_run):
+    from flows.history import flow_run_detail
+
+    detail = flow_run_detail(first_run[3])
+    assert {t["name"].rsplit("-", 1)[0] for t in detail["tasks"]} >= {"tokenizer", "pretrain_dense", "pretrain_moe", "sft", "rl"}
+    kinds = {a["type"] for a in detail["artifacts"]}
+    assert {"progress", "table"} <= kinds
+    progress = [a for a in detail["artifacts"] if a["type"] == "progress"]
+    assert all(a["data"] == 100.0 for a in progress)  # every bar reached its end
+
+
+def test_run_refuses_a_malformed_constitution_before_any_step(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: broken\ncritique_revision: []\npreference: []\n")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--store",
+                           str(tmp_path / "store"), "--set", f"constitution={bad}"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert f"{bad}:2: critique_revision must not be empty" in proc.stderr
+    assert not (tmp_path / "store").exists()
+
+
+def test_every_preset_loads():
+    for preset in sorted(Path(ROOT / "configs").glob("*.yaml")):
+        load_config(str(preset))
