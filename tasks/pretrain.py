@@ -457,6 +457,8 @@ def launch(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir: P
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         tail = []
         for line in proc.stdout:
+            if not line.strip():
+                continue
             logger.info(line.rstrip())
             tail = [*tail[-19:], line.rstrip()]
             if done := re.match(r"\[rank 0\] pretrain \S+ step (\d+)/", line):  # rank 0's lines every log_every

@@ -145,6 +145,31 @@ def test_sigkilled_run_resumes_to_the_same_losses_and_weights(inputs, tmp_path):
     assert (tmp_path / "whole" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_dense_with_tied_embeddings_resumes_exactly_after_a_crash(inputs, tmp_path):
+    """In-process: an exception after the step-3 checkpoint, then a rerun in the same out_dir. The checkpoint's
+    safetensors drop the tied output weight; it must come back tied to the embedding."""
+    cfg = PretrainConfig(model="dense-tiny", max_steps=6, checkpoint_every=3, **TINY)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_4(step, total, metrics):
+        if step == 4:
+            raise Crash
+
+    pretrain(cfg, tokenizer_dir=inputs[0], corpus=inputs[1], out_dir=tmp_path / "whole")
+    with pytest.raises(Crash):
+        pretrain(cfg, tokenizer_dir=inputs[0], corpus=inputs[1], out_dir=tmp_path / "crashed", on_progress=crash_at_4)
+    assert checkpoint_steps(tmp_path / "crashed" / "checkpoints") == [3]
+    seen = []
+    pretrain(cfg, tokenizer_dir=inputs[0], corpus=inputs[1], out_dir=tmp_path / "crashed",
+             on_progress=lambda step, total, metrics: seen.append(step))
+    assert seen == [4, 5, 6]  # resumed, not retrained from scratch (which would give the same numbers)
+    assert (tmp_path / "crashed/loss.csv").read_text() == (tmp_path / "whole/loss.csv").read_text()
+    a, b = load_file(tmp_path / "whole/model/model.safetensors"), load_file(tmp_path / "crashed/model/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(inputs, tmp_path, monkeypatch):
     import tasks.pretrain as module
 
