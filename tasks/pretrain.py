@@ -428,8 +428,9 @@ def publish(out_dir: Path, metrics: dict) -> None:
     lines = (out_dir / "loss.csv").read_text().splitlines()
     header, rows = lines[0].split(","), [line.split(",") for line in lines[1:]]
     keep = rows[:: max(len(rows) // 100, 1)] + rows[-1:]
-    create_table_artifact([dict(zip(header, r, strict=True)) for r in keep],
-                          description=f"pretrain: loss curve (plot: {out_dir / 'loss.png'})")
+    # out_dir is still the store's work directory here: it is renamed once the step completes, so no path.
+    create_table_artifact([{h: float(v) if v else None for h, v in zip(header, r, strict=True)} for r in keep],
+                          description="pretrain: loss curve (plotted in loss.png in the step's output directory)")
 
 
 # ---------------------------------------------------------------------------------------------------- multi-process
