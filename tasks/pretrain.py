@@ -237,7 +237,7 @@ def pretrain(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir:
     and tokenizer), loss.csv, loss.png and metrics.json; return the metrics.
     on_progress(step, total, metrics) is called on rank 0 after every step."""
     if (cfg.num_processes > 1 or cfg.accelerate_config) and "LOCAL_RANK" not in os.environ:
-        return launch(cfg, tokenizer_dir=tokenizer_dir, corpus=corpus, out_dir=out_dir)
+        return launch(cfg, tokenizer_dir=tokenizer_dir, corpus=corpus, out_dir=out_dir, on_progress=on_progress)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
@@ -434,9 +434,10 @@ def publish(out_dir: Path, metrics: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- multi-process
-def launch(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir: Path) -> dict:
+def launch(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir: Path, on_progress=None) -> dict:
     """Run `python -m tasks.pretrain` under `accelerate launch`, stream the ranks' log lines, and fail naming every
-    rank that failed (each rank writes ranks/rank-<N>.error before it exits)."""
+    rank that failed (each rank writes ranks/rank-<N>.error before it exits). Progress comes from rank 0's log
+    lines, so every log_every steps."""
     out_dir = Path(out_dir)
     (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
     for old in (out_dir / "ranks").glob("rank-*"):
@@ -462,8 +463,10 @@ def launch(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir: P
                 continue
             logger.info(line.rstrip())
             tail = [*tail[-19:], line.rstrip()]
-            if done := re.match(r"\[rank 0\] pretrain \S+ step (\d+)/", line):  # rank 0's lines every log_every
-                progress(int(done[1]))
+            if done := re.match(r"\[rank 0\] pretrain \S+ step (\d+)/\d+ loss=(\S+)", line):
+                progress(int(done[1]), cfg.max_steps, {"loss": float(done[2])})
+                if on_progress is not None:
+                    on_progress(int(done[1]), cfg.max_steps, {"loss": float(done[2])})
     progress.close()
     errors = sorted((out_dir / "ranks").glob("rank-*.error"))
     if proc.returncode != 0 or errors:

@@ -218,9 +218,11 @@ def test_two_gloo_ranks_train_the_same_weights(inputs, tmp_path, caplog, monkeyp
             pass
 
     monkeypatch.setattr(module, "Progress", Recorder)
+    called = []
     cfg = PretrainConfig(model="dense-tiny", max_steps=4, checkpoint_every=2, num_processes=2, **TINY)
     with caplog.at_level("INFO", logger="alignflow.pretrain"):
-        metrics = pretrain(cfg, tokenizer_dir=inputs[0], corpus=inputs[1], out_dir=tmp_path)
+        metrics = pretrain(cfg, tokenizer_dir=inputs[0], corpus=inputs[1], out_dir=tmp_path,
+                           on_progress=lambda step, total, m: called.append((step, total, round(m["loss"], 4))))
     ranks = [json.loads((tmp_path / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
     from transformers import AutoModelForCausalLM
@@ -230,7 +232,9 @@ def test_two_gloo_ranks_train_the_same_weights(inputs, tmp_path, caplog, monkeyp
     logged = caplog.text
     assert "[rank 0] rank 0 of 2: training dense-tiny" in logged and "[rank 1] rank 1 of 2: training" in logged
     assert "step 4/4" in logged  # rank 0's progress lines reached our logger
-    assert shown == [1, 2, 3, 4]  # ... and drove the progress display (log_every=1)
+    assert shown == [1, 2, 3, 4]  # ... and drove the progress display (log_every=1) and the callback
+    losses = [float(line.split(",")[1]) for line in (tmp_path / "loss.csv").read_text().splitlines()[1:]]
+    assert called == [(s, 4, round(loss, 4)) for s, loss in enumerate(losses, 1)]
     assert metrics["steps"] == 4 and len((tmp_path / "loss.csv").read_text().splitlines()) == 5
 
 
