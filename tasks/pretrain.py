@@ -54,7 +54,8 @@ class PretrainConfig(BaseModel):
     log_every: int = Field(50, ge=1)
     val_fraction: float = Field(0.02, gt=0, lt=0.5)
     num_processes: int = Field(1, ge=1)
-    accelerate_config: Path | None = Field(None, description="an accelerate config file (multi-GPU, nodes, FSDP)")
+    accelerate_config: Path | None = Field(None, description="an accelerate config file (GPUs, nodes, FSDP); "
+                                           "it sets the number of processes, not num_processes")
     seed: int = 0
 
     @field_validator("model")
@@ -444,14 +445,7 @@ def launch(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir: P
         old.unlink()
     config_file = out_dir / "pretrain_config.json"
     config_file.write_text(cfg.model_dump_json())
-    if cfg.accelerate_config:
-        launcher = ["--config_file", str(cfg.accelerate_config)]
-    else:  # --cpu would silently run one process; --multi_gpu without a GPU gives gloo ranks on the CPU
-        launcher = ["--multi_gpu", "--num_processes", str(cfg.num_processes), "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "-m", "tasks.pretrain",
-               "--config", str(config_file), "--tokenizer", str(tokenizer_dir), "--corpus", str(corpus),
-               "--out", str(out_dir)]
+    command = launch_command(cfg, config_file, tokenizer_dir=tokenizer_dir, corpus=corpus, out_dir=out_dir)
     # One thread per rank: ranks that each take every core run ~30x slower on a small machine.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     logger = run_logger()
@@ -478,6 +472,20 @@ def launch(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir: P
     metrics = json.loads((out_dir / "metrics.json").read_text())
     publish(out_dir, metrics)
     return metrics
+
+
+def launch_command(cfg: PretrainConfig, config_file: Path, *, tokenizer_dir: Path, corpus: Path,
+                   out_dir: Path) -> list[str]:
+    """accelerate launch of this module: with cfg.accelerate_config as it is (it sets the processes, machines and
+    backend), else N local processes."""
+    if cfg.accelerate_config:
+        launcher = ["--config_file", str(cfg.accelerate_config)]
+    else:  # --cpu would silently run one process; --multi_gpu without a GPU gives gloo ranks on the CPU
+        launcher = ["--multi_gpu", "--num_processes", str(cfg.num_processes), "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    return [sys.executable, "-m", "accelerate.commands.launch", *launcher, "-m", "tasks.pretrain",
+            "--config", str(config_file), "--tokenizer", str(tokenizer_dir), "--corpus", str(corpus),
+            "--out", str(out_dir)]
 
 
 def run_logger():

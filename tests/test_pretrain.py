@@ -19,6 +19,7 @@ from tasks.pretrain import (
     build_model,
     checkpoint_steps,
     flops_per_token,
+    launch_command,
     matmul_params,
     pretrain,
     weights_digest,
@@ -68,6 +69,19 @@ def test_batches_cover_each_epoch_once_and_ranks_split_the_global_batch():
     global_batch = batch_rows(4, n_rows, 2 * batch, seed=1)
     assert batch_rows(4, n_rows, batch, 1, rank=0, world=2) + batch_rows(4, n_rows, batch, 1, rank=1, world=2) \
         == global_batch
+
+
+def test_launch_command_runs_real_ranks_or_the_given_config(tmp_path):
+    paths = {"tokenizer_dir": Path("tok"), "corpus": Path("c.txt"), "out_dir": Path("out")}
+    command = launch_command(PretrainConfig(num_processes=3), Path("cfg.json"), **paths)
+    assert "--cpu" not in command  # it would silently run a single process
+    assert command[command.index("--num_processes") + 1] == "3" and "--multi_gpu" in command
+    assert command[command.index("-m", 3):] == ["-m", "tasks.pretrain", "--config", "cfg.json", "--tokenizer", "tok",
+                                                "--corpus", "c.txt", "--out", "out"]
+    accelerate_yaml = tmp_path / "fsdp.yaml"
+    accelerate_yaml.write_text("distributed_type: FSDP\nnum_processes: 8\n")
+    command = launch_command(PretrainConfig(accelerate_config=accelerate_yaml), Path("cfg.json"), **paths)
+    assert command[3:6] == ["--config_file", str(accelerate_yaml), "-m"] and "--num_processes" not in command
 
 
 def test_flops_per_token_counts_weights_and_attention(tokenizer):
