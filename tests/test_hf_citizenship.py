@@ -180,6 +180,6 @@ def test_bfloat16_loading_runs_close_to_float32(tokenizer, tmp_path, variant):
         generated = half.generate(**ids, max_new_tokens=4, do_sample=False)
     assert low.dtype == torch.bfloat16
     real = ids["attention_mask"].bool()
-    # bf16 keeps 8 bits of mantissa: logits of order 1 agree to a few hundredths.
-    assert (low.float() - full)[real].abs().max() < 0.1
+    # bf16 keeps 8 bits of mantissa; these logits are below 1 and differed by at most 0.004 when measured.
+    assert (low.float() - full)[real].abs().max() < 0.02
     assert generated.shape == (2, ids["input_ids"].shape[1] + 4)
