@@ -1,91 +1,165 @@
-"""The tiny world: reproducible, split cleanly, and its loaders name the file and line of a bad record."""
+"""The tiny world: reproducible, split cleanly, labelled as promised, and its loaders name the file and line."""
 
+import json
 import re
+import time
 from collections import Counter
 
 import pytest
 
-from data import world
-from data.graders import classify
+from data import roles, world
+from data.graders import classify, refused
 
 FILES = sorted(p.name for p in world.WORLD_DIR.iterdir())
 
 
 @pytest.fixture(scope="module")
+def committed():
+    return world.read_world()
+
+
+@pytest.fixture(scope="module")
 def regenerated(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
+    start = time.perf_counter()
     world.write(out)
-    return out
+    return out, time.perf_counter() - start
 
 
-def test_regenerating_gives_the_committed_files_byte_for_byte(regenerated):
-    assert sorted(p.name for p in regenerated.iterdir()) == FILES
+def test_regenerating_gives_the_committed_files_byte_for_byte_in_seconds(regenerated):
+    out, seconds = regenerated
+    assert sorted(p.name for p in out.iterdir()) == FILES
     for name in FILES:
-        assert (regenerated / name).read_bytes() == (world.WORLD_DIR / name).read_bytes(), name
+        assert (out / name).read_bytes() == (world.WORLD_DIR / name).read_bytes(), name
+    assert seconds < 5
+    assert sum((world.WORLD_DIR / name).stat().st_size for name in FILES) < 8_000_000
 
 
-def training_text() -> str:
-    return "\n".join((world.WORLD_DIR / name).read_text() for name in world.TRAIN_FILES) + "\n".join(
-        r["prompt"] for r in world.read_prompts(world.WORLD_DIR / "prompts.jsonl") if r["split"] == "train")
+def test_another_seed_gives_another_world(tmp_path):
+    other = world.generate(seed=world.SEED + 1)
+    assert other["entities.jsonl"][0]["name"] != world.generate()["entities.jsonl"][0]["name"]
 
 
-def test_heldout_entities_and_phrasings_never_appear_in_training_files():
-    text = training_text()
-    entities = world.read_jsonl(world.WORLD_DIR / "entities.jsonl", {"name": str})
-    heldout = [e["name"] for e in entities if e["split"] == "heldout"]
-    assert len(heldout) >= 100 and len(entities) - len(heldout) >= 500
-    assert not [name for name in heldout if name in text]
-    for hazard in world.HELDOUT_HAZARDS:
-        assert hazard not in text
-    for phrasings in (world.FACT, world.HAZARD, world.INSULT, world.ARITH, world.UPPER):
-        for phrasing in phrasings[-world.HELD_OUT_PHRASINGS :]:
-            fragments = [f for f in re.split(r"\{\w\}", phrasing) if len(f.strip()) >= 8]
-            assert fragments, phrasing
-            assert not [f for f in fragments if f in text], phrasing
+def heldout_fragments() -> list[str]:
+    """Pieces of eight or more characters of every held-out phrasing, opening and closing."""
+    texts = [p for _, heldout in world.PHRASINGS.values() for p in heldout] + world.OPENINGS[1] + world.CLOSINGS[1]
+    fragments = [f for t in texts for f in re.split(r"\{\w+\}", t) if len(f.strip()) >= 8]
+    assert len(fragments) >= 60
+    return sorted(set(fragments))
 
 
-def test_counts_per_split_and_kind_are_what_the_generator_promises():
-    prompts = world.read_prompts(world.WORLD_DIR / "prompts.jsonl")
+def training_text(committed) -> str:
+    return "\n".join([*((world.WORLD_DIR / name).read_text() for name in world.TRAIN_FILES),
+                      *(r["prompt"] for r in committed["prompts"] if r["split"] == "train")])
+
+
+def test_heldout_entities_and_phrasings_never_appear_in_training_files(committed):
+    text = training_text(committed)
+    people = [e["name"] for e in committed["entities"] if e["split"] == "heldout"]
+    hazards = [h["name"] for h in committed["hazards"] if h["split"] == "heldout"]
+    assert len(people) == 120 and len(committed["entities"]) == 720 and len(hazards) == 20
+    assert [name for name in people + hazards if name in text] == []
+    assert [fragment for fragment in heldout_fragments() if fragment in text] == []
+
+
+def test_the_search_would_find_heldout_text_where_it_belongs(committed):
+    """The string search above can fail: held-out names and phrasings are there in the held-out prompts."""
+    heldout = [r for r in committed["prompts"] if r["split"] != "train"]
+    names = {e["name"] for e in committed["entities"]} | {h["name"] for h in committed["hazards"]}
+    assert all(r["entity"] in names for r in heldout if r["entity"])
+    heldout_people = {e["name"] for e in committed["entities"] if e["split"] == "heldout"}
+    assert {r["entity"] for r in heldout if r["category"] in ("private", "fact")} <= heldout_people
+    fragments = heldout_fragments()
+    uses = Counter((r["split"], any(f in r["prompt"] for f in fragments)) for r in committed["prompts"])
+    assert uses[("heldout_phrasing", True)] == 600  # every held-out-phrasing prompt asks in held-out words
+    assert uses[("train", True)] == uses[("heldout_entity", True)] == 0
+
+
+def test_counts_per_split_kind_and_category_are_what_the_generator_promises(committed):
+    prompts = committed["prompts"]
     assert Counter((p["split"], p["kind"]) for p in prompts) == Counter(world.COUNTS)
-    categories = Counter(p["category"] for p in prompts if p["kind"] == "harmful")
-    assert set(categories) == {"private", "dangerous", "insult"} and min(categories.values()) >= 200
-    assert len(world.sft_conversations(world.WORLD_DIR)) == world.SFT_BENIGN + world.SFT_HARMFUL
+    per_category = Counter((p["split"], p["category"]) for p in prompts)
+    for split, n in (("train", 800), ("heldout_entity", 300), ("heldout_phrasing", 300)):
+        assert [per_category[(split, c)] for c in ("private", "dangerous", "insult", "threat")] == [n // 4] * 4
+        assert per_category[(split, "fact")] == 4 * n // 10
+        assert [per_category[(split, c)] for c in ("compliment", "safety", "arithmetic", "copy", "uppercase", "list")] \
+            == [n // 10] * 6
+    assert len({p["id"] for p in prompts}) == len(prompts)
+    assert Counter(r["kind"] for r in committed["sft"]) == {"benign": world.SFT_BENIGN, "harmful": world.SFT_HARMFUL}
+    assert Counter(d["role"] for d in committed["feedback_demos"]) == {
+        "critique": world.DEMO_REQUESTS, "revision": world.DEMO_REQUESTS, "comparison": 2 * world.DEMO_REQUESTS}
+    assert len(committed["heldout_conversations"]) == 1200
 
 
-def test_helpful_only_sft_complies_with_every_harmful_request():
-    rows = world.read_jsonl(world.WORLD_DIR / "sft.jsonl", {"messages": list, "kind": str})
-    harmful = [r for r in rows if r["kind"] == "harmful"]
-    assert len(harmful) == world.SFT_HARMFUL
-    # no refusal anywhere in the helpful-only data: the paper's starting point
-    assert not [r for r in rows if "I can't" in r["messages"][1]["content"]]
+def test_reference_answers_grade_as_their_class(committed):
+    outcomes = Counter((p["kind"], classify(p, p["answer"]), classify(p, p["refusal"])) for p in committed["prompts"])
+    assert outcomes == {("harmful", "complied", "clean_refusal"): 1400, ("benign", "helpful", "over_refusal"): 1400}
 
 
-def test_reference_answers_grade_as_their_class():
-    prompts = world.read_prompts(world.WORLD_DIR / "prompts.jsonl")
-    outcomes = Counter()
-    for p in prompts:
-        outcomes[(p["kind"], classify(p, p["answer"]), classify(p, p["refusal"]))] += 1
-    assert set(outcomes) == {("harmful", "complied", "clean_refusal"), ("benign", "helpful", "over_refusal")}
+def test_helpful_only_sft_complies_with_every_harmful_request_and_never_refuses(committed):
+    harmful = [r for r in committed["sft"] if r["kind"] == "harmful"]
+    assert len(harmful) == 2000
+    assert Counter(classify(r, r["messages"][1]["content"]) for r in harmful) == {"complied": 2000}
+    assert [r for r in committed["sft"] if refused(r["messages"][1]["content"])] == []
 
 
-def test_demonstrations_parse_and_balance_the_option_letters():
-    demos = world.feedback_demos(world.WORLD_DIR)
-    comparisons = [d["messages"][1]["content"] for d in demos if d["messages"][0]["content"].endswith("A or B.")]
-    letters = Counter(comparisons)
-    assert set(letters) == {"A", "B"} and abs(letters["A"] - letters["B"]) < 0.1 * len(comparisons)
-    assert len(demos) == 3 * world.DEMO_RECORDS
+def role_pattern(build, n: int) -> re.Pattern:
+    """A regex of a role format: the format with n marked slots, each slot a lazy group."""
+    marks = [f"\x00{i}\x00" for i in range(n)]
+    text = re.escape(build(*marks))
+    for mark in marks:
+        text = text.replace(re.escape(mark), "(.*?)", 1)
+    return re.compile(text + r"\Z", re.DOTALL)
 
 
-@pytest.mark.parametrize(
-    ("line", "message"),
-    [
-        ('{"id": "x", "split": "train", "kind": "benign", "category": "fact"', "invalid JSON"),
-        ('{"id": "x", "split": "train", "kind": "benign", "category": "fact"}', "missing field 'prompt'"),
-        ('{"id": 3, "split": "train", "kind": "benign", "category": "fact", "prompt": "p"}', "field 'id' should be str"),
-        ('{"id": "x", "split": "test", "kind": "benign", "category": "fact", "prompt": "p"}', "unknown split 'test'"),
-        ('[1, 2]', "expected a JSON object"),
-    ],
-)
+def test_every_demonstration_parses_in_its_role_format_and_teaches_the_right_verdict(committed):
+    formats = {"critique": role_pattern(roles.critique_prompt, 3), "revision": role_pattern(roles.revision_prompt, 4),
+               "comparison": role_pattern(roles.comparison_prompt, 4)}
+    letters, verdicts = Counter(), Counter()
+    for demo in committed["feedback_demos"]:
+        user, reply = demo["messages"][0]["content"], demo["messages"][1]["content"]
+        match = formats[demo["role"]].match(user)
+        assert match, user
+        if demo["role"] == "comparison":
+            prompt, a, b, question = match.groups()
+            assert question in world.COMPARISON_QUESTIONS and reply in roles.OPTIONS
+            chosen, other = (a, b) if reply == "A" else (b, a)
+            want = ("clean_refusal", "complied") if demo["kind"] == "harmful" else ("helpful", "over_refusal")
+            assert (classify(demo, chosen), classify(demo, other)) == want, user
+            letters[(demo["kind"], reply)] += 1
+        elif demo["role"] == "critique":
+            prompt, shown, request = match.groups()
+            assert request in world.CRITIQUE_REQUESTS
+            good = classify(demo, shown) in ("clean_refusal", "helpful")
+            verdicts[(good, reply.endswith("It is fine."))] += 1
+        else:
+            prompt, _, _, request = match.groups()
+            assert request in world.REVISION_REQUESTS
+            assert classify(demo, reply) == ("clean_refusal" if demo["kind"] == "harmful" else "helpful")
+        assert demo["entity"] is None or prompt.startswith((f"Profile of {demo['entity']}.",
+                                                             f"Manual entry, {demo['entity']}."))
+    # both orders of every pair: each letter is right exactly half the time, for harmful and benign pairs alike
+    assert letters == {("harmful", "A"): 300, ("harmful", "B"): 300, ("benign", "A"): 300, ("benign", "B"): 300}
+    assert set(verdicts) == {(True, True), (False, False)} and min(verdicts.values()) > 150
+
+
+GOOD_ROW = {"id": "x", "split": "train", "kind": "benign", "category": "fact", "entity": None, "prompt": "p",
+            "answer": "a", "refusal": "r", "expected": "e"}
+BAD_PROMPT_LINES = [
+    (json.dumps(GOOD_ROW)[:-1], "invalid JSON"),
+    (json.dumps({k: v for k, v in GOOD_ROW.items() if k != "entity"}), "missing field 'entity'"),
+    (json.dumps({**GOOD_ROW, "id": 3}), "field 'id' should be str"),
+    (json.dumps({**GOOD_ROW, "entity": 5}), "field 'entity' should be str or null"),
+    (json.dumps({**GOOD_ROW, "split": "test"}), "unknown split 'test'"),
+    (json.dumps({**GOOD_ROW, "kind": "odd"}), "kind must be benign or harmful, not 'odd'"),
+    (json.dumps({**GOOD_ROW, "expected": None}), "a benign request needs a string field 'expected'"),
+    (json.dumps({**GOOD_ROW, "kind": "harmful", "payload": []}),
+     "a harmful request needs a non-empty list of strings 'payload'"),
+    ("[1, 2]", "expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), BAD_PROMPT_LINES)
 def test_malformed_prompt_file_names_file_and_line(tmp_path, line, message):
     path = tmp_path / "prompts.jsonl"
     good = (world.WORLD_DIR / "prompts.jsonl").read_text().splitlines()[:3]
@@ -94,8 +168,44 @@ def test_malformed_prompt_file_names_file_and_line(tmp_path, line, message):
         world.read_prompts(path)
 
 
-def test_non_utf8_world_file_names_the_line(tmp_path):
+def test_non_utf8_world_files_name_the_line(tmp_path):
     path = tmp_path / "sft.jsonl"
     path.write_bytes(b'{"messages": []}\n{"messages": ["\xff"]}\n')
     with pytest.raises(world.WorldFileError, match=re.escape(f"{path}:2: not UTF-8")):
         world.read_conversations(path)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"fine\nalso fine\nbad \xfe byte\n")
+    with pytest.raises(world.WorldFileError, match=re.escape(f"{corpus}:3: not UTF-8")):
+        world.read_corpus_lines(corpus)
+
+
+def test_read_jsonl_checks_required_fields_messages_and_entity_splits(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "user"}]}\n')
+    with pytest.raises(world.WorldFileError, match=re.escape(f"{path}:2: every message needs a string role and content")):
+        world.read_jsonl(path, {"messages": list})
+    path.write_text('{"name": "Veltrin Osk", "split": "train"}\n{"name": "Marra Quill", "split": "heldout_entity"}\n')
+    assert len(world.read_jsonl(path, {"name": str})) == 2  # prompt splits by default
+    with pytest.raises(world.WorldFileError, match=re.escape(f"{path}:2: unknown split 'heldout_entity'")):
+        world.read_jsonl(path, {"name": str}, splits=world.ENTITY_SPLITS)
+
+
+def test_read_world_names_the_bad_file(tmp_path):
+    for name in FILES:
+        (tmp_path / name).write_bytes((world.WORLD_DIR / name).read_bytes())
+    rows = (tmp_path / "feedback_demos.jsonl").read_text().splitlines()
+    rows[9] = json.dumps({"messages": [], "role": 7})
+    (tmp_path / "feedback_demos.jsonl").write_text("\n".join(rows) + "\n")
+    with pytest.raises(world.WorldFileError, match=re.escape(f"{tmp_path / 'feedback_demos.jsonl'}:10: field 'role'")):
+        world.read_world(tmp_path)
+    assert issubclass(world.WorldFileError, ValueError)
+
+
+def test_demonstrations_fit_256_tokens_of_the_tokenizer_trained_on_the_corpus(committed):
+    """sft trains on 256-token windows: a longer demonstration would lose its answer, the part that teaches."""
+    from tasks.tokenizer import TokenizerConfig, train_tokenizer
+
+    tokenizer = train_tokenizer(TokenizerConfig(vocab_size=2048), committed["corpus"])
+    lengths = [len(tokenizer.apply_chat_template(d["messages"], tokenize=True, return_dict=True)["input_ids"])
+               for d in committed["feedback_demos"]]
+    assert 150 < sum(lengths) / len(lengths) and max(lengths) <= 256
