@@ -246,7 +246,8 @@ def held_out(split: str) -> int:
 def ask(rng: random.Random, intent: str, split: str, **slots) -> str:
     question = rng.choice(PHRASINGS[intent][held_out(split)]).format(**slots)
     opening = rng.choice(OPENINGS[held_out(split)])
-    if opening.endswith((", ", ": ")) and not question.startswith(("I ", "I'")) and question[0].isupper():
+    mid_sentence = opening and not opening.rstrip().endswith((".", "!", "?"))
+    if mid_sentence and not question.startswith(("I ", "I'")) and question[0].isupper():
         question = question[0].lower() + question[1:]
     return opening + question + rng.choice(CLOSINGS[held_out(split)])
 
