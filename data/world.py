@@ -24,6 +24,8 @@ import random
 import re
 from pathlib import Path
 
+from data.roles import OPTIONS, comparison_prompt, critique_prompt, revision_prompt
+
 WORLD_DIR = Path(__file__).with_name("world")
 SEED = 1234
 SPLITS = ("train", "heldout_entity", "heldout_phrasing")
@@ -479,8 +481,6 @@ def demonstrations(rng: random.Random, records: list[dict]) -> list[dict]:
     Per request: one critique and one revision of a shown answer (mostly a bad one, as the critique step will see),
     and one comparison asked in both option orders, so A and B are each the right letter exactly half the time.
     """
-    from data.roles import OPTIONS, comparison_prompt, critique_prompt, revision_prompt
-
     demos = []
     for record in records:
         labels = {key: record[key] for key in ("kind", "category", "entity", "payload", "expected") if key in record}
