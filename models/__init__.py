@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from models import dense, moe
+from models import dense, moe, multimodal
 
 AutoConfig.register("alignflow_dense", dense.DenseConfig)
 AutoModel.register(dense.DenseConfig, dense.DenseModel)
@@ -14,6 +14,10 @@ AutoModel.register(moe.MoeConfig, moe.MoeModel)
 AutoModelForCausalLM.register(moe.MoeConfig, moe.MoeForCausalLM)
 AutoModelForSequenceClassification.register(moe.MoeConfig, moe.MoeForSequenceClassification)
 
+AutoConfig.register("alignflow_multimodal", multimodal.MultimodalConfig)
+AutoModel.register(multimodal.MultimodalConfig, multimodal.MultimodalModel)
+AutoModelForCausalLM.register(multimodal.MultimodalConfig, multimodal.MultimodalForCausalLM)
+
 # Named sizes: each builder returns a config for a given vocab_size.
 SIZES = {
     "dense-tiny": dense.dense_tiny,
@@ -22,4 +26,5 @@ SIZES = {
     "moe-tiny": moe.moe_tiny,
     "moe-small": moe.moe_small,
     "moe-base": moe.moe_base,
+    "multimodal-tiny": multimodal.multimodal_tiny,
 }

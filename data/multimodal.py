@@ -1,0 +1,211 @@
+"""The tiny world, multimodal part: images, audio clips and videos rendered from attributes, with captions and
+question/answer pairs, and held-out attribute combinations that no training example shows.
+
+Read top to bottom: attributes and held-out combinations -> renderers (numpy only) -> samples (media, caption, QA)
+-> model batches -> the held-out attribute accuracy measured on generated answers.
+
+Nothing is written to disk: sample i of a split is rendered from (seed, split, i), in well under a millisecond, so
+the same index always gives the same bytes and the whole set regenerates in seconds.
+
+Held-out combinations: every attribute value is seen in training, but some pairs never are (a blue circle, a high
+tone, a circle moving up). Answering about them needs each attribute read separately, which is what the >= 80%
+held-out accuracy checks.
+"""
+
+import itertools
+import re
+
+import numpy as np
+import torch
+
+SEED = 4321
+IMAGE_SIZE = 32  # pixels per side
+SAMPLE_RATE = 16_000  # Hz
+VIDEO_FRAMES = 4
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.95, 0.85, 0.1)}
+POSITIONS = {"top left": (8, 8), "top right": (8, 24), "bottom left": (24, 8), "bottom right": (24, 24)}  # (row, col)
+SIZES = {"small": 4.0, "large": 7.5}  # radius in pixels
+KINDS = ("tone", "chirp")  # a chirp sweeps up an octave over the clip
+PITCHES = {"low": 300.0, "medium": 800.0, "high": 2000.0}  # Hz at the start of the clip
+LENGTHS = {"short": 0.25, "long": 0.5}  # seconds
+LOUDNESS = {"quiet": 0.1, "loud": 0.7}  # peak amplitude
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (row, col) step
+
+ATTRIBUTES = {
+    "image": {"shape": SHAPES, "colour": tuple(COLOURS), "position": tuple(POSITIONS), "size": tuple(SIZES)},
+    "audio": {"kind": KINDS, "pitch": tuple(PITCHES), "length": tuple(LENGTHS), "loudness": tuple(LOUDNESS)},
+    "video": {"shape": SHAPES, "colour": tuple(COLOURS), "direction": tuple(DIRECTIONS)},
+}
+# Pairs that appear only in the held-out split: each value of each attribute still appears in training.
+HELDOUT_PAIRS = {
+    "image": ("shape", "colour", {("circle", "blue"), ("square", "yellow"), ("triangle", "red"), ("cross", "green")}),
+    "audio": ("kind", "pitch", {("tone", "high"), ("chirp", "low")}),
+    "video": ("shape", "direction", {("circle", "up"), ("square", "down"), ("triangle", "left"), ("cross", "right")}),
+}
+QUESTIONS = {
+    "shape": "What shape is it?", "colour": "What colour is it?", "position": "Where is the shape?",
+    "size": "How big is the shape?", "kind": "Is it a tone or a chirp?", "pitch": "How high is the pitch?",
+    "length": "How long is the sound?", "loudness": "How loud is it?", "direction": "Which way does it move?",
+}
+SPLITS = ("train", "heldout")
+
+
+def combinations(modality: str, split: str) -> list[dict]:
+    """Every attribute combination of a modality that belongs to `split`."""
+    names = list(ATTRIBUTES[modality])
+    a, b, pairs = HELDOUT_PAIRS[modality]
+    combos = [dict(zip(names, values)) for values in itertools.product(*ATTRIBUTES[modality].values())]
+    return [c for c in combos if ((c[a], c[b]) in pairs) == (split == "heldout")]
+
+
+# ------------------------------------------------------------------------------------------------------- renderers
+def shape_mask(shape: str, centre: tuple[float, float], radius: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Boolean (size, size) mask of a shape centred at (row, col)."""
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
+    dy, dx = rows - centre[0], cols - centre[1]
+    if shape == "circle":
+        return dx**2 + dy**2 <= radius**2
+    if shape == "square":
+        return (np.abs(dx) <= 0.8 * radius) & (np.abs(dy) <= 0.8 * radius)
+    if shape == "triangle":  # apex up: half-width grows from 0 at the top to `radius` at the base
+        return (dy >= -radius) & (dy <= radius) & (np.abs(dx) <= (dy + radius) / 2)
+    if shape == "cross":
+        bar = radius / 3
+        return ((np.abs(dx) <= bar) & (np.abs(dy) <= radius)) | ((np.abs(dy) <= bar) & (np.abs(dx) <= radius))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render_frame(rng: np.random.Generator, shape: str, colour: str, centre, radius: float) -> np.ndarray:
+    """(3, H, W) float32 in [0, 1]: a coloured shape on a dark noisy background."""
+    image = rng.uniform(0.0, 0.15, (3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    rgb = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 0.05, 3), 0, 1).astype(np.float32)
+    image[:, shape_mask(shape, centre, radius)] = rgb[:, None]
+    return image
+
+
+def render_image(rng: np.random.Generator, a: dict) -> np.ndarray:
+    row, col = POSITIONS[a["position"]]
+    centre = (row + rng.uniform(-2, 2), col + rng.uniform(-2, 2))
+    return render_frame(rng, a["shape"], a["colour"], centre, SIZES[a["size"]] * rng.uniform(0.9, 1.1))
+
+
+def render_audio(rng: np.random.Generator, a: dict) -> np.ndarray:
+    """(samples,) float32 at 16 kHz: a tone sin(2 pi f t), or a linear chirp f(t) = f0 (1 + t / L), whose phase is
+    2 pi f0 (t + t^2 / 2L); amplitude from the loudness, 10 ms fades, faint noise."""
+    seconds, f0 = LENGTHS[a["length"]], PITCHES[a["pitch"]] * rng.uniform(0.95, 1.05)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    phase = 2 * np.pi * f0 * (t + t**2 / (2 * seconds) if a["kind"] == "chirp" else t)
+    envelope = np.minimum(1.0, np.minimum(t, seconds - t) / 0.01)
+    wave = LOUDNESS[a["loudness"]] * rng.uniform(0.9, 1.1) * envelope * np.sin(phase)
+    return (wave + rng.normal(0, 0.005, t.shape)).astype(np.float32)
+
+
+def render_video(rng: np.random.Generator, a: dict) -> np.ndarray:
+    """(frames, 3, H, W) float32: a shape crossing the frame in its direction, 5 pixels per frame."""
+    step = np.array(DIRECTIONS[a["direction"]], dtype=np.float32) * 5.0
+    start = rng.uniform(10, 22, 2).astype(np.float32)
+    start -= step * (VIDEO_FRAMES - 1) / 2  # centred path: the shape stays inside the frame
+    radius = 5.0 * rng.uniform(0.9, 1.1)
+    return np.stack([render_frame(rng, a["shape"], a["colour"], start + f * step, radius)
+                     for f in range(VIDEO_FRAMES)])
+
+
+RENDER = {"image": render_image, "audio": render_audio, "video": render_video}
+
+
+# --------------------------------------------------------------------------------------------------------- samples
+def caption(modality: str, a: dict) -> str:
+    if modality == "image":
+        return f"A {a['size']} {a['colour']} {a['shape']} at the {a['position']}."
+    if modality == "audio":
+        return f"A {a['length']} {a['loudness']} {a['kind']} with a {a['pitch']} pitch."
+    return f"A {a['colour']} {a['shape']} moving {a['direction']}."
+
+
+def sample(split: str, index: int, seed: int = SEED) -> dict:
+    """Sample `index` of a split: modality (cycling image, audio, video), attributes, media array, caption and one
+    question/answer pair per attribute. The same (split, index, seed) always renders the same arrays."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    modality = ("image", "audio", "video")[index % 3]
+    combos = combinations(modality, split)
+    a = combos[rng.integers(len(combos))]
+    return {"modality": modality, "attributes": a, "media": RENDER[modality](rng, a), "caption": caption(modality, a),
+            "qa": [(QUESTIONS[name], value) for name, value in a.items()]}
+
+
+# --------------------------------------------------------------------------------------------------- model batches
+def example_text(tokenizer, modality: str, kind: str, question: str = "", answer: str = "") -> str:
+    """A caption: `<|bos|><|image|> A small red circle ...<|end|>`; a QA pair: the project's chat template with the
+    media marker opening the user turn. The processor expands the marker into the span."""
+    marker = f"<|{modality}|>"
+    if kind == "caption":
+        return f"{tokenizer.bos_token}{marker}{answer}{tokenizer.eos_token}"
+    messages = [{"role": "user", "content": f"{marker}{question}"}]
+    if answer:
+        messages.append({"role": "assistant", "content": answer})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not answer)
+
+
+def training_text(s: dict, tokenizer, rng: np.random.Generator) -> str:
+    """One training text for a sample: its caption or one of its QA pairs, half and half."""
+    if rng.random() < 0.5:
+        return example_text(tokenizer, s["modality"], "caption", answer=s["caption"])
+    question, answer = s["qa"][rng.integers(len(s["qa"]))]
+    return example_text(tokenizer, s["modality"], "qa", question, answer)
+
+
+def multimodal_batches(split: str, processor, batch_size: int, steps: int, seed: int = SEED, start: int = 0):
+    """Yield `steps` batches of model inputs (captions and QA pairs, modalities mixed) with next-token labels on
+    the text: media slots and padding are -100. Batch b holds samples b * batch_size ..; `start` skips batches, so a
+    resumed run continues where it stopped. `processor` is a models.multimodal.MultimodalProcessor."""
+    tokenizer = processor.tokenizer
+    for b in range(start, start + steps):
+        rng = np.random.default_rng([seed, 7, b])
+        samples = [sample(split, b * batch_size + i, seed) for i in range(batch_size)]
+        texts = [training_text(s, tokenizer, rng) for s in samples]
+        batch = processor(texts, **media_lists(samples), padding_side="right")
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        batch["labels"] = labels.masked_fill(batch["mm_token_type_ids"] != 0, -100)
+        yield batch
+
+
+def media_lists(samples: list[dict]) -> dict:
+    """The processor's keyword arguments: each modality's arrays in order of appearance."""
+    return {"images": [s["media"] for s in samples if s["modality"] == "image"],
+            "audio": [s["media"] for s in samples if s["modality"] == "audio"],
+            "videos": [s["media"] for s in samples if s["modality"] == "video"]}
+
+
+# ------------------------------------------------------------------------------------------------------- accuracy
+def answer_is_right(generated: str, attribute: str, value: str) -> bool:
+    """Right when the generated answer names the value as whole words and names no other value of the attribute
+    ("a circle" is right for circle; "a circle or a square" is not)."""
+    def names(v):
+        return re.search(rf"\b{re.escape(v)}\b", generated.lower()) is not None
+    modality = next(m for m, attrs in ATTRIBUTES.items() if attribute in attrs)
+    others = [v for v in ATTRIBUTES[modality][attribute] if v != value]
+    return names(value) and not any(names(v) for v in others)
+
+
+@torch.no_grad()
+def attribute_accuracy(model, processor, split: str = "heldout", n: int = 60, seed: int = SEED,
+                       batch_size: int = 16, max_new_tokens: int = 8) -> dict[str, float]:
+    """{modality: fraction of attribute questions answered right} over the first n samples of `split`, from
+    greedy generate() on each question, judged by answer_is_right."""
+    tokenizer = processor.tokenizer
+    rows = [(s, attr, q, v) for s in (sample(split, i, seed) for i in range(n))
+            for attr, (q, v) in zip(s["attributes"], s["qa"])]
+    right: dict[str, list[bool]] = {"image": [], "audio": [], "video": []}
+    model.eval()
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        texts = [example_text(tokenizer, s["modality"], "qa", q) for s, _, q, _ in chunk]
+        batch = processor(texts, **media_lists([s for s, *_ in chunk]), padding_side="left")
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        for (s, attr, _, v), answer in zip(chunk, answers):
+            right[s["modality"]].append(answer_is_right(answer, attr, v))
+    return {m: sum(r) / len(r) for m, r in right.items() if r}
