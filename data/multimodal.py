@@ -203,6 +203,7 @@ def attribute_accuracy(model, processor, split: str = "heldout", n: int = 60, se
         chunk = rows[i:i + batch_size]
         texts = [example_text(tokenizer, s["modality"], "qa", q) for s, _, q, _ in chunk]
         batch = processor(texts, **media_lists([s for s, *_ in chunk]), padding_side="left")
+        batch = {k: v.to(model.device) for k, v in batch.items()}
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

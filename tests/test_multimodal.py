@@ -1,0 +1,225 @@
+"""The multimodal tiny world and backbone: rendering, held-out combinations, token arithmetic, the encoders against
+their textbook formulations, the softmax-routed MoE, the processor's stream, save/load and generate()."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import models  # noqa: F401  (registers the Auto classes)
+from data import multimodal as mm
+from models.multimodal import (
+    MODALITIES,
+    MultimodalConfig,
+    MultimodalForCausalLM,
+    MultimodalProcessor,
+    PatchEmbedding,
+    SparseMoE,
+    audio_frames,
+    audio_tokens,
+    image_tokens,
+    log_spectrogram,
+    multimodal_tiny,
+    patchify,
+    softmax_topk_gates,
+    switch_balance_loss,
+    video_tokens,
+)
+
+
+# ----------------------------------------------------------------------------------------------------- the world
+def test_rendering_is_seeded_and_fast():
+    a, b = mm.sample("train", 17), mm.sample("train", 17)
+    assert np.array_equal(a["media"], b["media"]) and a["caption"] == b["caption"]
+    assert not np.array_equal(mm.sample("train", 20)["media"], a["media"])
+    assert mm.sample("train", 0)["media"].shape == (3, 32, 32)
+    assert mm.sample("train", 1)["media"].shape in {(4000,), (8000,)}
+    assert mm.sample("train", 2)["media"].shape == (4, 3, 32, 32)
+
+
+def test_heldout_combinations_never_appear_in_training():
+    for modality, (a, b, pairs) in mm.HELDOUT_PAIRS.items():
+        train = mm.combinations(modality, "train")
+        heldout = mm.combinations(modality, "heldout")
+        assert heldout and not any((c[a], c[b]) in pairs for c in train)
+        assert all((c[a], c[b]) in pairs for c in heldout)
+        for name, values in mm.ATTRIBUTES[modality].items():  # every value is still taught
+            assert {c[name] for c in train} == set(values)
+    seen = {(s["modality"], tuple(s["attributes"].values())) for s in (mm.sample("train", i) for i in range(600))}
+    for modality, (a, b, pairs) in mm.HELDOUT_PAIRS.items():
+        names = list(mm.ATTRIBUTES[modality])
+        assert not any(m == modality and (v[names.index(a)], v[names.index(b)]) in pairs for m, v in seen)
+
+
+def test_image_shows_its_colour_where_it_says():
+    s = next(s for s in (mm.sample("train", i) for i in range(0, 90, 3))
+             if s["attributes"]["size"] == "large")
+    row, col = mm.POSITIONS[s["attributes"]["position"]]
+    centre = s["media"][:, row - 1:row + 2, col - 1:col + 2].mean((1, 2))
+    assert np.abs(centre - np.array(mm.COLOURS[s["attributes"]["colour"]])).max() < 0.2
+    assert s["media"][:, 31 - row, 31 - col].max() < 0.2  # the opposite corner is background
+
+
+def test_audio_spectrogram_peaks_at_the_pitch():
+    for pitch, hz in mm.PITCHES.items():
+        a = {"kind": "tone", "pitch": pitch, "length": "long", "loudness": "loud"}
+        wave = torch.as_tensor(mm.render_audio(np.random.default_rng(0), a))
+        spec = log_spectrogram(wave[None], n_fft=400, hop_length=160)[0]  # 40 Hz per bin
+        assert spec.shape == (201, 51)
+        assert abs(spec.mean(1).argmax().item() * 40 - hz) <= 0.05 * hz + 40
+    chirp = {"kind": "chirp", "pitch": "medium", "length": "long", "loudness": "loud"}
+    spec = log_spectrogram(torch.as_tensor(mm.render_audio(np.random.default_rng(0), chirp))[None], 400, 160)[0]
+    assert spec[:, 45].argmax() > 1.6 * spec[:, 5].argmax()  # sweeps up towards an octave
+
+
+def test_video_moves_in_its_direction():
+    for direction, (dr, dc) in mm.DIRECTIONS.items():
+        a = {"shape": "square", "colour": "red", "direction": direction}
+        frames = mm.render_video(np.random.default_rng(1), a)
+        centres = [np.argwhere(f[0] > 0.6).mean(0) for f in frames]  # the red channel's bright pixels
+        step = (centres[-1] - centres[0]) / (len(frames) - 1)
+        assert np.allclose(step, [5 * dr, 5 * dc], atol=1.0), direction
+
+
+def test_answer_grading():
+    assert mm.answer_is_right("a circle", "shape", "circle")
+    assert not mm.answer_is_right("a circle or a square", "shape", "circle")
+    assert not mm.answer_is_right("circles", "shape", "circle")
+    assert mm.answer_is_right("top left", "position", "top left")
+    assert not mm.answer_is_right("bottom left", "position", "top left")
+
+
+# ------------------------------------------------------------------------------------------- token arithmetic
+def test_token_counts_follow_the_arithmetic():
+    assert image_tokens(224, 14) == 256
+    assert audio_frames(16_000, 160) == 101  # one second, 10 ms hop: about 100 frames
+    assert log_spectrogram(torch.zeros(1, 16_000), 400, 160).shape[-1] == 101
+    assert audio_tokens(16_000, 160) == 26  # two stride-2 convolutions
+    assert video_tokens(4, 32, 16) == 16
+    config = multimodal_tiny(vocab_size=64)
+    encoder = MultimodalForCausalLM(config).model.audio_encoder
+    for samples in (4000, 8000, 16_000, 1234):
+        assert encoder(torch.randn(1, samples)).shape[1] == audio_tokens(samples, 160)
+
+
+def test_patch_embedding_equals_conv2d_with_stride_patch():
+    config = MultimodalConfig(image_size=224, patch_size=14, hidden_size=64)
+    embed = PatchEmbedding(config, 14)
+    pixels = torch.randn(2, 3, 224, 224)
+    conv = F.conv2d(pixels, embed.proj.weight.view(64, 3, 14, 14), embed.proj.bias, stride=14)  # (2, 64, 16, 16)
+    linear = embed.proj(patchify(pixels, 14))  # (2, 256, 64)
+    assert linear.shape == (2, 256, 64)
+    torch.testing.assert_close(linear, conv.flatten(2).transpose(1, 2), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------- MoE
+def test_softmax_router_gates_and_balance_loss():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    _probs, gates, idx = softmax_topk_gates(logits, 2)
+    p = logits.softmax(-1)[0]
+    assert idx.tolist() == [[0, 1]]
+    torch.testing.assert_close(gates[0], torch.stack([p[0], p[1]]) / (p[0] + p[1]))
+    uniform = torch.full((8, 4), 0.25)
+    assert switch_balance_loss(uniform, torch.tensor([[0, 1], [2, 3]] * 4)).item() == pytest.approx(1.0)
+    collapsed = torch.tensor([[1.0, 0, 0, 0]] * 8)
+    assert switch_balance_loss(collapsed, torch.zeros(8, 1, dtype=torch.long)).item() == pytest.approx(4.0)
+
+
+def test_moe_output_is_the_gated_sum_of_its_top_k_experts():
+    torch.manual_seed(0)
+    moe = SparseMoE(MultimodalConfig(hidden_size=16, expert_intermediate_size=8, num_experts=4,
+                                     num_experts_per_tok=2))
+    x = torch.randn(2, 5, 16)
+    out, _ = moe(x)
+    probs = (moe.router(x)).softmax(-1)
+    every = torch.stack([e(x) for e in moe.experts], -2)  # (2, 5, E, 16)
+    top, idx = probs.topk(2, -1)
+    expected = (every.gather(-2, idx[..., None].expand(-1, -1, -1, 16)) * (top / top.sum(-1, keepdim=True))[..., None])
+    torch.testing.assert_close(out, expected.sum(-2), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- model and stream
+@pytest.fixture(scope="module")
+def setup(tokenizer):
+    config = MultimodalConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              expert_intermediate_size=64, pad_token_id=tokenizer.pad_token_id,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    return MultimodalForCausalLM(config).eval(), MultimodalProcessor(tokenizer, config)
+
+
+def test_processor_builds_the_stream(setup, tokenizer):
+    _model, processor = setup
+    samples = [mm.sample("train", i) for i in range(3)]  # image, audio, video
+    texts = [mm.example_text(tokenizer, s["modality"], "qa", "What is it?") for s in samples]
+    batch = processor(texts, **mm.media_lists(samples))
+    types = batch["mm_token_type_ids"]
+    assert (types == MODALITIES["image"]).sum() == 16
+    assert (types == MODALITIES["audio"]).sum() == audio_tokens(len(samples[1]["media"]), 160)
+    assert (types == MODALITIES["video"]).sum() == 16
+    ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    open_, close = (tokenizer.convert_tokens_to_ids(t) for t in ("<|image|>", "<|/image|>"))
+    assert ids[ids.index(open_) + 17] == close  # <|image|>, 16 slots, <|/image|>
+    with pytest.raises(ValueError, match="more image items"):
+        processor(["no marker"], images=[samples[0]["media"]])
+
+
+def test_media_change_the_logits_after_their_span(setup, tokenizer):
+    model, processor = setup
+    s = mm.sample("train", 0)
+    text = [mm.example_text(tokenizer, "image", "qa", "What colour is it?")]
+    with torch.no_grad():
+        a = model(**processor(text, images=[s["media"]])).logits
+        b = model(**processor(text, images=[mm.sample("train", 3)["media"]])).logits
+    assert (a[0, -1] - b[0, -1]).abs().max() > 1e-3
+    assert torch.equal(a[0, :3], b[0, :3])  # before the span: causal, unchanged
+
+
+def test_cached_decoding_and_left_padding_match_the_full_forward(setup, tokenizer):
+    model, processor = setup
+    samples = [mm.sample("train", i) for i in (1, 4)]  # two audio clips, of possibly different lengths
+    texts = [mm.example_text(tokenizer, "audio", "qa", q) for q in ("How loud is it?", "Tone?")]
+    batch = processor(texts, **mm.media_lists(samples), padding_side="left")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+        for row in range(2):  # each row alone, no padding, no cache: the same greedy tokens
+            alone = processor(texts[row:row + 1], audio=[samples[row]["media"]])
+            ids = alone["input_ids"]
+            for _ in range(5):
+                logits = model(**{**alone, "input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                  "mm_token_type_ids": F.pad(alone["mm_token_type_ids"],
+                                                             (0, ids.shape[1] - alone["input_ids"].shape[1]))},
+                               use_cache=False).logits
+                ids = torch.cat([ids, logits[:, -1:].argmax(-1)], 1)
+            assert out[row, -5:].tolist() == ids[0, -5:].tolist()
+
+
+def test_save_load_through_auto_classes(setup, tmp_path, tokenizer):
+    model, processor = setup
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is MultimodalForCausalLM
+    batch = processor([mm.example_text(tokenizer, "video", "caption", answer="A red cross moving up.")],
+                      videos=[mm.sample("train", 2)["media"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_training_steps_lower_the_loss_and_reach_every_part(setup):
+    model, processor = setup
+    torch.manual_seed(0)
+    trained = MultimodalForCausalLM(model.config).train()
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=3e-3)
+    batch = next(mm.multimodal_batches("train", processor, batch_size=6, steps=1))
+    before = {n: p.detach().clone() for n, p in trained.named_parameters()}
+    losses = []
+    for _ in range(8):
+        loss = trained(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    unchanged = [n for n, p in trained.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []  # every encoder, expert and the router learned
