@@ -48,8 +48,8 @@ def choose_prompts(cfg: CritiqueReviseConfig, prompts: list[dict]) -> list[dict]
 def critique_and_revise(cfg: CritiqueReviseConfig, constitution: Constitution, policy: Path, prompts: list[dict],
                         out_dir: Path) -> dict:
     chosen = choose_prompts(cfg, prompts)
-    with open_feedback(cfg.feedback, policy_dir=policy) as feedback, \
-            open_feedback(FeedbackConfig(), policy_dir=policy) as answerer:
+    with open_feedback(FeedbackConfig(), policy_dir=policy) as answerer, \
+            open_feedback(cfg.feedback, policy_dir=policy, policy=answerer) as feedback:
 
         def work(number: int, batch: list[dict]) -> list[dict]:
             rng = random.Random(shard_seed(cfg.seed, number))

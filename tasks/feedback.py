@@ -297,9 +297,12 @@ def server_message(body: bytes) -> str:
 
 
 @contextlib.contextmanager
-def open_feedback(cfg: FeedbackConfig, policy_dir: Path) -> Iterator[HFFeedback | OpenAIFeedback]:
-    """The configured backend; `hf` without a model is the policy at policy_dir."""
-    if cfg.backend == "openai":
+def open_feedback(cfg: FeedbackConfig, policy_dir: Path,
+                  policy: HFFeedback | None = None) -> Iterator[HFFeedback | OpenAIFeedback]:
+    """The configured backend; `hf` without a model is the policy at policy_dir (`policy`, when already loaded)."""
+    if cfg.backend == "hf" and cfg.model is None and policy is not None:
+        yield policy  # the paper's self-critique: one model answers and judges, loaded once
+    elif cfg.backend == "openai":
         yield OpenAIFeedback(cfg, api_key(cfg))
     else:
         yield HFFeedback(cfg.model or policy_dir, batch_size=cfg.batch_size)

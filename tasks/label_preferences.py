@@ -74,8 +74,8 @@ def choose_prompts(cfg: LabelConfig, prompts: list[dict]) -> list[dict]:
 def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: list[dict], out_dir: Path) -> dict:
     chosen = choose_prompts(cfg, prompts)
     clamp = cfg.effective_clamp()
-    with open_feedback(cfg.feedback, policy_dir=policy) as judge, \
-            open_feedback(FeedbackConfig(), policy_dir=policy) as answerer:
+    with open_feedback(FeedbackConfig(), policy_dir=policy) as answerer, \
+            open_feedback(cfg.feedback, policy_dir=policy, policy=answerer) as judge:
 
         def judge_order(questions: list[str], seed: int) -> list[float]:
             if not cfg.chain_of_thought:

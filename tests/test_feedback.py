@@ -319,3 +319,10 @@ def test_the_key_never_reaches_logs_or_config_dumps(client, server, caplog, caps
     dumps = [caplog.text, repr(cfg), str(cfg), cfg.model_dump_json(), json.dumps(cfg.model_dump(mode="json")),
              repr(client), *capsys.readouterr()]
     assert all(KEY not in text for text in dumps)
+
+
+def test_the_policy_as_its_own_judge_is_loaded_once(hf, model_dir):
+    with open_feedback(FeedbackConfig(), policy_dir=model_dir, policy=hf) as judge:
+        assert judge is hf
+    with open_feedback(FeedbackConfig(model=model_dir), policy_dir=model_dir, policy=hf) as judge:
+        assert judge is not hf and isinstance(judge, HFFeedback)  # a named judge model is its own load
