@@ -12,6 +12,10 @@ from typing import Annotated
 
 import typer
 
+# The temporary Prefect server's telemetry heartbeat races the run for its SQLite file at start-up and logs a
+# "database is locked" traceback; our users run offline anyway.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Align language models with a written constitution, as cached Prefect flows.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the resolved configuration.")

@@ -8,7 +8,7 @@ step.field=value` overrides last. Everything is validated before any work starts
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.critique_revise import CritiqueReviseConfig
 from tasks.evaluate import EvaluateConfig
@@ -35,6 +35,7 @@ class WorldConfig(BaseModel):
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    seed: int | None = Field(None, description="seeds every step that does not set its own seed (repeat runs: 0, 1, 2)")
     world: WorldConfig = WorldConfig()
     constitution: Path = Field(ROOT / "constitutions" / "default.yaml", description="critique and comparison principles")
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -47,6 +48,16 @@ class PipelineConfig(BaseModel):
     reward_model: RewardConfig = RewardConfig()
     rl: RLConfig = RLConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _seed_every_step(self):
+        if self.seed is not None:
+            for name in type(self).model_fields:
+                section = getattr(self, name)
+                if isinstance(section, BaseModel) and "seed" in type(section).model_fields \
+                        and "seed" not in section.model_fields_set:
+                    section.seed = self.seed
+        return self
 
 
 def preset_path(preset: str) -> Path:

@@ -155,3 +155,11 @@ def test_steps_and_config_show():
 
     resolved = yaml.safe_load(shown.stdout)
     assert resolved["sft"]["epochs"] == 1.5 and resolved["tokenizer"]["vocab_size"] == 2048
+
+
+def test_top_level_seed_seeds_every_step_that_sets_none():
+    from flows.config import load_config
+
+    cfg = load_config("tiny", ["seed=2", "rl.seed=7"])
+    assert (cfg.pretrain_dense.seed, cfg.sft.seed, cfg.critique_revise.seed, cfg.rl.seed) == (2, 2, 2, 7)
+    assert load_config("tiny", []).sft.seed == 0
