@@ -270,24 +270,79 @@ class Gate(nn.Module):
 
 def grouped_experts(x, idx, gates, w_gate_up, w_down):
     """y_t = sum_k g_t,k * FFN_{e_t,k}(x_t), FFN_e(x) = W2_e (silu(W1_e x) * W3_e x), each expert run only on its
-    tokens. x: (N, D); idx, gates: (N, K); w_gate_up: (E, 2I, D); w_down: (E, D, I). Assignments are sorted by
-    expert so each expert is one matrix product over a contiguous slice (torch's grouped_mm where it runs)."""
-    N, K = idx.shape
-    order = idx.flatten().argsort(stable=True)  # (N*K,) assignment slots grouped by expert
-    counts = torch.bincount(idx.flatten(), minlength=w_gate_up.shape[0])
-    xs = x.index_select(0, order // K)  # (N*K, D); its backward is an index_add, cheaper than x[...]'s index_put
-    gate, up = expert_matmul(xs, w_gate_up, counts).chunk(2, dim=-1)
-    ys = expert_matmul(F.silu(gate) * up, w_down, counts)  # (N*K, D), in expert order
-    y = torch.empty_like(ys).index_copy_(0, order, ys).view(N, K, -1)  # back to (token, slot) order
-    return torch.einsum("nkd,nk->nd", y, gates)
+    tokens. x: (N, D); idx, gates: (N, K); w_gate_up: (E, 2I, D), W1 and W3 stacked; w_down: (E, D, I)."""
+    token, slot_gates, counts = sort_by_expert(idx, gates, w_gate_up.shape[0])
+    # grouped_mm is one kernel for all experts on a GPU; on CPU it loops over experts, slower than SlicedExperts.
+    experts = grouped_mm_experts if x.is_cuda else SlicedExperts.apply
+    return experts(x, slot_gates, w_gate_up, w_down, token, counts)
 
 
-def expert_matmul(xs, w, counts):
-    """Row block e of xs times w[e]^T. grouped_mm runs on CPU and on CUDA in bf16; elsewhere a loop over experts."""
-    if hasattr(F, "grouped_mm") and (xs.device.type == "cpu" or xs.dtype == torch.bfloat16):
-        return F.grouped_mm(xs, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
-    parts = [xe @ w[e].T for e, xe in enumerate(xs.split(counts.tolist())) if len(xe)]
-    return torch.cat(parts) if parts else xs.new_zeros(0, w.shape[1])
+def sort_by_expert(idx, gates, n_experts: int):
+    """One stable sort of the N*K (token, slot) assignments by expert id, so each expert owns a contiguous slice.
+    idx, gates: (N, K) -> the token of each assignment and its gate, (N*K,) each, and the count per expert (E,)."""
+    order = idx.flatten().argsort(stable=True)
+    counts = torch.bincount(idx.flatten(), minlength=n_experts)
+    return order // idx.shape[1], gates.flatten()[order], counts
+
+
+def grouped_mm_experts(x, slot_gates, w_gate_up, w_down, token, counts):
+    """The routed experts as two grouped matmuls over the expert-sorted rows; autograd does the backward."""
+    offsets = counts.cumsum(0).to(torch.int32)
+    gate, up = F.grouped_mm(x.index_select(0, token), w_gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+    ys = F.grouped_mm(F.silu(gate) * up * slot_gates[:, None], w_down.transpose(1, 2), offs=offsets)  # (N*K, D)
+    return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+class SlicedExperts(torch.autograd.Function):
+    """The routed experts on CPU, one expert's slice at a time, forward and backward. Autograd through one big
+    gather, a split and a cat allocates several (N*K, D) temporaries, and on a CPU those fresh allocations (page
+    faults, memory bandwidth) cost more than the expert matmuls themselves; here every temporary is one expert's.
+    Experts with no tokens cost nothing. With h = silu(a) * u, [a; u] = W_gate_up x, the backward is
+    dh = g (dy W2),  dg = h . (dy W2),  da = dh * u * silu'(a),  du = dh * silu(a),
+    silu'(a) = s (1 + a (1 - s)) with s = sigmoid(a)."""
+
+    @staticmethod
+    def forward(ctx, x, slot_gates, w_gate_up, w_down, token, counts):
+        counts = counts.tolist()
+        y = torch.zeros_like(x)
+        gate_ups = []  # (n_e, 2I) per expert with tokens: all the backward needs beyond the inputs
+        for rows, g, w1, w2 in zip(token.split(counts), slot_gates.split(counts), w_gate_up, w_down, strict=True):
+            if len(rows):
+                gate_up = x.index_select(0, rows) @ w1.T
+                a, u = gate_up.chunk(2, dim=-1)
+                y.index_add_(0, rows, (F.silu(a) * u * g[:, None]) @ w2.T)
+                gate_ups.append(gate_up)
+        ctx.counts = counts
+        ctx.save_for_backward(x, slot_gates, w_gate_up, w_down, token, *gate_ups)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, slot_gates, w_gate_up, w_down, token, *gate_ups = ctx.saved_tensors
+        dx, d_gates = torch.zeros_like(x), torch.empty_like(slot_gates)
+        # Written expert by expert with out=: zero-filling then copying 2 * E * I * D floats costs as much as a matmul.
+        d_gate_up, d_down = torch.empty_like(w_gate_up), torch.empty_like(w_down)
+        gate_ups = iter(gate_ups)
+        for e, (rows, g, dg) in enumerate(zip(token.split(ctx.counts), slot_gates.split(ctx.counts),
+                                              d_gates.split(ctx.counts), strict=True)):
+            if not len(rows):
+                d_gate_up[e].zero_()
+                d_down[e].zero_()
+                continue
+            a, u = next(gate_ups).chunk(2, dim=-1)  # (n_e, I) each
+            s = torch.sigmoid(a)
+            silu = a * s
+            h = silu * u
+            x_e, dy_e = x.index_select(0, rows), dy.index_select(0, rows)  # (n_e, D)
+            dh_ungated = dy_e @ w_down[e]  # (n_e, I)
+            dg.copy_((dh_ungated * h).sum(-1))
+            dh = dh_ungated * g[:, None]
+            torch.mm(dy_e.T, h * g[:, None], out=d_down[e])
+            d_gate_up_e = torch.cat([dh * u * s * (1 + a * (1 - s)), dh * silu], -1)  # (n_e, 2I)
+            torch.mm(d_gate_up_e.T, x_e, out=d_gate_up[e])
+            dx.index_add_(0, rows, d_gate_up_e @ w_gate_up[e])
+        return dx, d_gates, d_gate_up, d_down, None, None
 
 
 class Experts(nn.Module):

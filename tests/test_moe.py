@@ -18,10 +18,12 @@ from models.balancing import LoadBalanceCallback, bias_update, max_violation, ro
 from models.moe import (
     MLA,
     MoeForCausalLM,
+    SlicedExperts,
     allowed_keys,
     apply_rope,
     from_hf_deepseek_v3,
     grouped_experts,
+    grouped_mm_experts,
     mha_kv_elements_per_token,
     mla_kv_elements_per_token,
     mla_softmax_scale,
@@ -30,6 +32,7 @@ from models.moe import (
     rope_inverse_frequencies,
     route,
     sequence_balance_loss,
+    sort_by_expert,
 )
 from models.speculative import greedy_decode, speculative_decode
 
@@ -119,15 +122,18 @@ def test_mtp_loss_is_weighted_mean():
 # --- the layers ---
 
 
-def test_grouped_dispatch_equals_per_expert_loop():
+@pytest.mark.parametrize("experts_fn", [SlicedExperts.apply, grouped_mm_experts], ids=["sliced", "grouped_mm"])
+def test_grouped_dispatch_equals_per_expert_loop(experts_fn):
     torch.manual_seed(0)
     n, d, inner, experts, k = 40, 16, 8, 6, 2
     x = torch.randn(n, d, requires_grad=True)
     w_gate_up = torch.randn(experts, 2 * inner, d, requires_grad=True)
     w_down = torch.randn(experts, d, inner, requires_grad=True)
-    gates, idx = route(torch.rand(n, experts), torch.zeros(experts), k, True, 1.0)
-    idx[:, 0] = idx[:, 0].clamp(max=3)  # leave expert 5 with few or no tokens
-    ours = grouped_experts(x, idx, gates, w_gate_up, w_down)
+    scores = torch.rand(n, experts - 1, requires_grad=True)  # expert 5 is never chosen: an empty slice
+    gates, idx = route(scores, torch.zeros(experts - 1), k, True, 1.0)
+    token, slot_gates, counts = sort_by_expert(idx, gates, experts)
+    assert counts[5] == 0 and counts.sum() == n * k
+    ours = experts_fn(x, slot_gates, w_gate_up, w_down, token, counts)
     reference = torch.zeros(n, d)
     for e in range(experts):
         gate, up = (x @ w_gate_up[e].T).chunk(2, dim=-1)
@@ -135,10 +141,32 @@ def test_grouped_dispatch_equals_per_expert_loop():
         weight = (gates * (idx == e)).sum(-1, keepdim=True)  # g_t,e, zero where token t did not pick e
         reference = reference + weight * out
     assert torch.allclose(ours, reference, atol=1e-4)
-    grads = torch.autograd.grad(ours.pow(2).sum(), (x, w_gate_up, w_down))
-    reference_grads = torch.autograd.grad(reference.pow(2).sum(), (x, w_gate_up, w_down))
+    inputs = (x, w_gate_up, w_down, scores)  # the router's scores get their gradient through the gates
+    grads = torch.autograd.grad(ours.pow(2).sum(), inputs, retain_graph=True)  # the router's graph is shared
+    reference_grads = torch.autograd.grad(reference.pow(2).sum(), inputs)
     for ours_grad, reference_grad in zip(grads, reference_grads, strict=True):
         assert torch.allclose(ours_grad, reference_grad, rtol=1e-4, atol=1e-3)
+    assert grads[1][5].abs().max() == 0 and grads[2][5].abs().max() == 0
+
+
+def test_sliced_experts_backward_passes_gradcheck():
+    """The hand-written backward against finite differences, in float64, an empty expert included."""
+    torch.manual_seed(0)
+    n, d, inner, experts, k = 12, 6, 4, 4, 2
+    x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    w_gate_up = torch.randn(experts, 2 * inner, d, dtype=torch.float64, requires_grad=True)
+    w_down = torch.randn(experts, d, inner, dtype=torch.float64, requires_grad=True)
+    gates, idx = route(torch.rand(n, experts - 1, dtype=torch.float64), torch.zeros(experts - 1), k, True, 1.0)
+    token, slot_gates, counts = sort_by_expert(idx, gates, experts)
+    slot_gates = slot_gates.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: SlicedExperts.apply(a[0], a[1], a[2], a[3], token, counts),
+                                    (x, slot_gates, w_gate_up, w_down))
+
+
+def test_cpu_dispatch_runs_the_sliced_experts():
+    x, w_gate_up, w_down = torch.randn(5, 8, requires_grad=True), torch.randn(4, 6, 8), torch.randn(4, 8, 3)
+    gates, idx = route(torch.rand(5, 4), torch.zeros(4), 2, True, 1.0)
+    assert type(grouped_experts(x, idx, gates, w_gate_up, w_down).grad_fn).__name__ == "SlicedExpertsBackward"
 
 
 def test_absorbed_attention_equals_naive():
