@@ -26,6 +26,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from models.kv_cache import has_attention_protocol, kept_keys_allowed
+
 
 @strict  # checks each field's type (the Literal choices included) and runs validate_architecture
 class DenseConfig(PreTrainedConfig):
@@ -155,6 +157,16 @@ def kv_elements_per_token(num_kv_heads: int, head_dim: int, num_layers: int) -> 
     return 2 * num_kv_heads * head_dim * num_layers
 
 
+def attention_probabilities(q, k, allowed: torch.Tensor) -> torch.Tensor:
+    """P = softmax(Q K^T / sqrt(d_k)) in float32, formed explicitly for a cache that needs it (eq. 1's weights).
+    q: (B, h, T, d_k); k: (B, h_kv, S, d_k); allowed: (B, h_kv, T, S) -> (B, h, T, S), query head i on key head
+    i // (h / h_kv) as in SDPA's grouped-query attention."""
+    q = q.unflatten(1, (k.shape[1], -1))  # (B, h_kv, h / h_kv, T, d_k)
+    scores = torch.einsum("bkgtd,bksd->bkgts", q, k) / math.sqrt(q.shape[-1])
+    scores = scores.float().masked_fill(~allowed[:, :, None], float("-inf"))
+    return scores.softmax(-1).flatten(1, 2)
+
+
 class Attention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1 .. head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)  (sec. 3.2.2)."""
 
@@ -167,17 +179,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, h_kv * self.head_dim, bias=config.bias)
         self.o_proj = nn.Linear(h * self.head_dim, D, bias=config.bias)
 
-    def forward(self, x, rope, allowed, cache=None):
+    def forward(self, x, rope, allowed, pad_mask=None, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, h, T, d_k)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, h_kv, T, d_k)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:  # any transformers Cache: dynamic, quantized, selective...
+        if cache is not None:  # any transformers Cache: dynamic, int8, selective (models/kv_cache.py)...
             k, v = cache.update(k, v, self.layer_idx)  # (B, h_kv, S, d_k)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        out = scaled_dot_product_attention(q, k, v, allowed)  # (B, h, T, d_k)
+        if cache is not None and has_attention_protocol(cache):  # it kept some keys only, and wants the probabilities
+            probs = attention_probabilities(q, k, kept_keys_allowed(cache, self.layer_idx, T, pad_mask))
+            cache.observe_attention(self.layer_idx, probs)
+            out = (probs.to(v.dtype).unflatten(1, (k.shape[1], -1)) @ v[:, :, None]).flatten(1, 2)  # (B, h, T, d_k)
+        else:
+            out = scaled_dot_product_attention(q, k, v, allowed)  # (B, h, T, d_k)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -214,11 +231,11 @@ class Block(GradientCheckpointingLayer):
         self.mlp_norm = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, h, rope, allowed, cache=None):  # (B, T, D) -> (B, T, D)
+    def forward(self, h, rope, allowed, pad_mask=None, cache=None):  # (B, T, D) -> (B, T, D)
         if self.pre:
-            h = h + self.dropout(self.self_attn(self.attn_norm(h), rope, allowed, cache=cache))
+            h = h + self.dropout(self.self_attn(self.attn_norm(h), rope, allowed, pad_mask, cache=cache))
             return h + self.dropout(self.mlp(self.mlp_norm(h)))
-        h = self.attn_norm(h + self.dropout(self.self_attn(h, rope, allowed, cache=cache)))
+        h = self.attn_norm(h + self.dropout(self.self_attn(h, rope, allowed, pad_mask, cache=cache)))
         return self.mlp_norm(h + self.dropout(self.mlp(h)))
 
 
@@ -261,11 +278,12 @@ class DenseModel(DensePreTrainedModel):
             rope = tuple(a.to(h.dtype) for a in rope_angles(position_ids, c.head_dim, c.rope_theta))
         h = self.dropout(h)
         pad_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
-        # No mask tensor where SDPA's own causal flag (T = S) or nothing at all (one query) is exact.
+        # No mask tensor where SDPA's own causal flag (T = S) or nothing at all (one query) is exact. A selective
+        # cache keeps fewer keys than tokens seen; each layer then builds its mask from the kept keys' positions.
         S = past + T
         allowed = None if pad_mask is None and (T == S or T == 1) else causal_mask(pad_mask, T, S, h.device)
         for layer in self.layers:
-            h = layer(h, rope, allowed, cache=cache)
+            h = layer(h, rope, allowed, pad_mask, cache=cache)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
 
 

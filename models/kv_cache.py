@@ -15,8 +15,10 @@ The selective cache needs to know where attention went. The protocol, for any mo
 3. compute the attention probabilities explicitly and call `cache.observe_attention(layer_idx, probs)` with probs
    (B, h, T, S) over exactly the keys `update` returned; h may be a multiple of H_kv (grouped-query attention, or
    MLA's one latent "head"): the query heads sharing a key head add up.
-`has_attention_protocol(cache)` tells a model whether to do 2 and 3. models/multimodal.py implements it. A model that
-calls update but never observe_attention gets an error on its next update instead of silently arbitrary evictions.
+`has_attention_protocol(cache)` tells a model whether to do 2 and 3, and `kept_keys_allowed` builds the causal mask
+of step 2. models/dense.py, models/moe.py (MLA: one latent "head") and models/multimodal.py implement it. A model
+that calls update but never observe_attention gets an error on its next update instead of silently arbitrary
+evictions.
 """
 
 from functools import partial
@@ -255,3 +257,18 @@ class SelectiveCache(Cache):
 def has_attention_protocol(cache) -> bool:
     """Whether a cache wants the key positions used for the mask and the attention probabilities reported."""
     return hasattr(cache, "observe_attention")
+
+
+def kept_keys_allowed(cache, layer_idx: int, query_length: int, pad_mask: torch.Tensor | None) -> torch.Tensor:
+    """Step 2 of the protocol for a causal decoder: allowed[b, h, t, s] = pos_s <= pos_t and key s is not padding,
+    where the queries are the last `query_length` tokens the layer has seen and pos_s the kept keys' positions.
+    Each query also sees itself, so a padding query has one key rather than an all-masked (NaN) row.
+    pad_mask: (B, tokens seen) bool, True for real tokens, or None -> (B, H_kv, T, S) bool."""
+    key_pos = cache.key_positions(layer_idx)  # (B, H_kv, S)
+    seen = cache.get_seq_length(layer_idx)
+    query_pos = torch.arange(seen - query_length, seen, device=key_pos.device)[:, None]  # (T, 1)
+    allowed = key_pos[:, :, None] <= query_pos  # (B, H_kv, T, S)
+    if pad_mask is not None:
+        real = pad_mask[:, None].expand(-1, key_pos.shape[1], -1).gather(-1, key_pos)  # (B, H_kv, S)
+        allowed = (allowed & real[:, :, None]) | (key_pos[:, :, None] == query_pos)
+    return allowed

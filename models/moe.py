@@ -25,6 +25,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from models.kv_cache import has_attention_protocol, kept_keys_allowed
+
 
 class MoeConfig(PreTrainedConfig):
     model_type = "alignflow_moe"
@@ -166,13 +168,19 @@ class MLA(nn.Module):
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.d_c, self.d_rope], -1)
         kv_latent = self.kv_a_layernorm(kv_latent)  # (B, T, d_c): c^KV
         k_rope = apply_rope(k_rope, cos, sin)  # (B, T, d_r): one RoPE key for all heads
-        if cache is not None:  # the cache sees one "head": key = c^KV, value = k^R
+        if cache is not None:  # the cache sees one "head": key = c^KV, value = k^R; an int8 cache quantizes both
             kv_latent, k_rope = cache.update(kv_latent[:, None], k_rope[:, None], self.layer_idx)
             kv_latent, k_rope = kv_latent[:, 0].to(x.dtype), k_rope[:, 0].to(x.dtype)  # (B, S, d)
         S = kv_latent.shape[1]
-        if cache is not None and self.absorbed:
+        if cache is not None and has_attention_protocol(cache):
+            # A selective cache kept some tokens' c^KV and k^R only, and wants the probabilities, which the
+            # absorbed path forms anyway (summed over the heads that share the one latent "head").
+            mask = kept_keys_allowed(cache, self.layer_idx, T, pad_mask)  # (B, 1, T, S)
+            out, probs = self.attend_absorbed(q_nope, q_rope, kv_latent, k_rope, mask)
+            cache.observe_attention(self.layer_idx, probs)
+        elif cache is not None and self.absorbed:
             mask = allowed_keys(pad_mask, T, S, x.device)
-            out = self.attend_absorbed(q_nope, q_rope, kv_latent, k_rope, mask)
+            out, _ = self.attend_absorbed(q_nope, q_rope, kv_latent, k_rope, mask)
         else:
             mask = None if pad_mask is None and (S == T or T == 1) else allowed_keys(pad_mask, T, S, x.device)
             out = self.attend_naive(q_nope, q_rope, kv_latent, k_rope, mask, causal=mask is None and T > 1)
@@ -191,7 +199,8 @@ class MLA(nn.Module):
 
     def attend_absorbed(self, q_nope, q_rope, kv_latent, k_rope, mask):
         """q^C.k^C = (W^UK^T q^C).c^KV, so W^UK folds into the query; softmax(.) W^UV c^KV = W^UV (softmax(.) c^KV),
-        so W^UV applies after attention (DeepSeek-V2 sec. 2.1.2). Per-head keys and values are never formed."""
+        so W^UV applies after attention (DeepSeek-V2 sec. 2.1.2). Per-head keys and values are never formed.
+        Returns the output (B, T, H, d_v) and the attention probabilities (B, H, T, S)."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.d_nope + self.d_v, self.d_c)
         w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope :]  # (H, d_h, d_c), (H, d_v, d_c)
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
@@ -199,7 +208,7 @@ class MLA(nn.Module):
         scores = (scores * self.scale).masked_fill(~mask, float("-inf"))
         probs = scores.softmax(-1, dtype=torch.float32).to(q_nope.dtype)
         out_latent = torch.einsum("bhts,bsc->bthc", probs, kv_latent)
-        return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # (B, T, H, d_v)
+        return torch.einsum("bthc,hvc->bthv", out_latent, w_uv), probs  # (B, T, H, d_v), (B, H, T, S)
 
 
 class MLP(nn.Module):

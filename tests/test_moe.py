@@ -181,7 +181,7 @@ def test_absorbed_attention_equals_naive():
     pad[1, :4] = False
     mask = allowed_keys(pad, T, S, "cpu")
     naive = attention.attend_naive(q_nope, q_rope, latent, k_rope, mask)
-    absorbed = attention.attend_absorbed(q_nope, q_rope, latent, k_rope, mask)
+    absorbed, _ = attention.attend_absorbed(q_nope, q_rope, latent, k_rope, mask)
     assert torch.allclose(naive, absorbed, atol=1e-5)
 
 
