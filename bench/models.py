@@ -1,14 +1,20 @@
 """Benchmarks of the MoE backbone, each measured side by side in one run on this machine.
 
-    .venv/bin/python -m bench.models            # about 4 minutes on 2 CPU cores
+    .venv/bin/python -m bench.models                      # about 4 minutes on 2 CPU cores
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.models    # when another job shares the cores
+
+Two threads is this machine's size. Oversubscribed (another job on the same cores), OpenMP threads wait at
+barriers, which slows the many small ops of an MoE layer far more than the few big ones of a dense FFN: measure
+with one thread then, and read the thread count on the first line.
 
 1. MoE layer forward+backward time over a dense FFN with the same active parameters (goal <= 1.5x).
 2. Our MoE layer against transformers' DeepseekV3MoE on the same shapes and weights (goal: ours at least as fast).
-3. MLA against MHA KV-cache bytes per token.
+3. MLA against MHA KV-cache bytes per token, and MLA's with the int8 cache.
 4. Absorbed against naive MLA decoding, tokens/s at a 1k-token context.
 5. MTP acceptance rate and self-speculative speed-up on a tiny model trained here (goals >= 0.6 and >= 1.3x).
 """
 
+import os
 import random
 import statistics
 import time
@@ -19,25 +25,33 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.cache_utils import DynamicCache
 
 from models.balancing import update_biases
+from models.kv_cache import Int8Cache
 from models.moe import MLP, MoE, MoeConfig, MoeForCausalLM, mha_kv_elements_per_token, moe_small, moe_tiny
 from models.speculative import greedy_decode, speculative_decode
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "world" / "corpus.txt"
 
 
-def paired_medians(fns: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median seconds of each function, timed in alternation so that load from other processes on the machine
-    falls on all of them alike rather than on whichever ran during it."""
+def interleaved_times(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Seconds of each function in each of `repeats` rounds. Every round runs all of them back to back, in a
+    shuffled order, so that load from other processes falls on all alike and no one always runs first."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times = {name: [] for name in fns}
+    times, order, rng = {name: [] for name in fns}, list(fns), random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def paired_ratio(numerator: list, denominator: list) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios: each ratio compares two runs made seconds apart."""
+    q1, median, q3 = statistics.quantiles([a / b for a, b in zip(numerator, denominator, strict=True)], n=4)
+    return median, q1, q3
 
 
 def forward_backward(layer, x):
@@ -72,27 +86,33 @@ def bench_moe_layer():
     with torch.no_grad():
         difference = (hf(x) - ours(x)[0]).abs().max().item()
     layers = {"dense": dense, "ours": ours, "transformers": hf}
-    t = paired_medians({name: forward_backward(layer, x) for name, layer in layers.items()}, 12)
-    t_dense, t_moe, t_hf = t["dense"], t["ours"], t["transformers"]
-    print(f"1. MoE layer fwd+bwd, {tokens} tokens, D={hidden}, {experts} experts of {inner}, K_r={top_k}, N_s=1")
+    rounds = 15
+    t = interleaved_times({name: forward_backward(layer, x) for name, layer in layers.items()}, rounds)
+    t_dense, t_moe, t_hf = (statistics.median(t[name]) for name in ("dense", "ours", "transformers"))
+    print(f"1. MoE layer fwd+bwd, {tokens} tokens, D={hidden}, {experts} experts of {inner}, K_r={top_k}, N_s=1, "
+          f"float32, median of {rounds} interleaved rounds")  # fmt: skip
     print(f"   dense FFN of width {inner * (1 + top_k)} ({sum(p.numel() for p in dense.parameters()):,} params): "
           f"{t_dense * 1e3:.1f} ms")  # fmt: skip
     print(f"   MoE ({active:,} active of {sum(p.numel() for p in ours.parameters()):,} params): {t_moe * 1e3:.1f} ms")
-    print(f"   ratio MoE / dense = {t_moe / t_dense:.2f}x   (goal <= 1.5x)")
+    ratio, q1, q3 = paired_ratio(t["ours"], t["dense"])
+    print(f"   ratio MoE / dense = {ratio:.2f}x, quartiles {q1:.2f}-{q3:.2f}   (goal <= 1.5x)")
     implementation = hf_config._experts_implementation
     print(f"2. transformers DeepseekV3MoE (experts implementation {implementation!r}): {t_hf * 1e3:.1f} ms, "
           f"ours {t_moe * 1e3:.1f} ms (ours includes the sequence-wise balance loss)")  # fmt: skip
-    print(f"   speed ours / transformers = {t_hf / t_moe:.2f}x   (goal >= 1.0x); max |output difference| = "
-          f"{difference:.1e}")  # fmt: skip
+    speed, q1, q3 = paired_ratio(t["transformers"], t["ours"])
+    print(f"   speed ours / transformers = {speed:.2f}x, quartiles {q1:.2f}-{q3:.2f}   (goal >= 1.0x); "
+          f"max |output difference| = {difference:.1e}")  # fmt: skip
 
 
 def bench_kv_bytes():
     print("3. KV-cache bytes per token (bf16, 2 bytes per element)")
     for name, config in (("moe-tiny", moe_tiny(512)), ("moe-small", moe_small(512))):
         model = MoeForCausalLM(config).eval().to(torch.bfloat16)
-        cache = DynamicCache()
+        cache, int8 = DynamicCache(), Int8Cache()
+        prompt = torch.randint(0, 512, (1, 16))
         with torch.no_grad():
-            model(torch.randint(0, 512, (1, 16)), cache=cache, use_cache=True)
+            model(prompt, cache=cache, use_cache=True)
+            model(prompt, cache=int8, use_cache=True)
         measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) / 16
         # MHA with the same heads and per-head key width d_h (DeepSeek-V2 table 1 compares at equal n_h, d_h).
         mha = 2 * mha_kv_elements_per_token(config.num_attention_heads, config.qk_nope_head_dim,
@@ -100,6 +120,8 @@ def bench_kv_bytes():
         print(f"   {name}: MLA {measured:,.0f} B/token measured in the cache "
               f"((d_c + d_h^R) * L = ({config.kv_lora_rank} + {config.qk_rope_head_dim}) * {config.num_hidden_layers}"
               f" elements); MHA {mha:,} B/token (formula 2 n_h d_h L); MHA / MLA = {mha / measured:.1f}x")
+        print(f"      MLA with the int8 cache: {int8.nbytes() / 16:,.0f} B/token (c^KV and k^R in int8 plus a float32 "
+              f"scale each), {int8.nbytes() / 16 / measured:.2f} of bf16")  # fmt: skip
     print("   (models.dense, the dense MHA backbone, is compared by formula here: same n_h, d_h and L as each MoE.)")
 
 
@@ -184,7 +206,7 @@ def bench_speculative(train_seconds: float = 100.0):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 unless stated")
     bench_moe_layer()
     bench_kv_bytes()
