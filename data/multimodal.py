@@ -156,19 +156,49 @@ def training_text(s: dict, tokenizer, rng: np.random.Generator) -> str:
     return example_text(tokenizer, s["modality"], "qa", question, answer)
 
 
+def pretraining_batch(split: str, processor, index: int, batch_size: int, seed: int = SEED) -> dict:
+    """Batch `index` of a split: samples index * batch_size .. as captions and QA pairs, modalities mixed, with
+    next-token labels on the text (media slots and padding are -100). The index alone fixes the batch, so a resumed
+    run continues where it stopped. `processor` is a models.multimodal.MultimodalProcessor."""
+    rng = np.random.default_rng([seed, 7, index])
+    samples = [sample(split, index * batch_size + i, seed) for i in range(batch_size)]
+    texts = [training_text(s, processor.tokenizer, rng) for s in samples]
+    batch = processor(texts, **media_lists(samples), padding_side="right")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    batch["labels"] = labels.masked_fill(batch["mm_token_type_ids"] != 0, -100)
+    return batch
+
+
 def multimodal_batches(split: str, processor, batch_size: int, steps: int, seed: int = SEED, start: int = 0):
-    """Yield `steps` batches of model inputs (captions and QA pairs, modalities mixed) with next-token labels on
-    the text: media slots and padding are -100. Batch b holds samples b * batch_size ..; `start` skips batches, so a
-    resumed run continues where it stopped. `processor` is a models.multimodal.MultimodalProcessor."""
+    """pretraining_batch for batches start .. start + steps - 1."""
+    for index in range(start, start + steps):
+        yield pretraining_batch(split, processor, index, batch_size, seed)
+
+
+def qa_pair(split: str, index: int, seed: int = SEED) -> tuple[dict, str, str, str]:
+    """Example `index` of the question/answer set: (sample, attribute, question, answer), one attribute of the sample
+    drawn by the index, so every attribute is asked about equally often."""
+    s = sample(split, index, seed)
+    attribute = list(s["attributes"])[np.random.default_rng([seed, 11, index]).integers(len(s["qa"]))]
+    question, answer = dict(zip(s["attributes"], s["qa"]))[attribute]
+    return s, attribute, question, answer
+
+
+def answer_only_batch(processor, pairs: list[tuple[dict, str, str, str]]) -> dict:
+    """QA pairs as chat turns with labels on the assistant's answer and its end token only (what the chat template
+    puts inside {% generation %}): the prompt, media slots and padding are -100. The prompt's tokens are a prefix of
+    the whole turn's, since the tokenizer splits at the special tokens that close the user turn and open the
+    assistant's."""
     tokenizer = processor.tokenizer
-    for b in range(start, start + steps):
-        rng = np.random.default_rng([seed, 7, b])
-        samples = [sample(split, b * batch_size + i, seed) for i in range(batch_size)]
-        texts = [training_text(s, tokenizer, rng) for s in samples]
-        batch = processor(texts, **media_lists(samples), padding_side="right")
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        batch["labels"] = labels.masked_fill(batch["mm_token_type_ids"] != 0, -100)
-        yield batch
+    samples = [s for s, *_ in pairs]
+    prompts = [example_text(tokenizer, s["modality"], "qa", q) for s, _, q, _ in pairs]
+    whole = [example_text(tokenizer, s["modality"], "qa", q, a) for s, _, q, a in pairs]
+    prompt_lengths = processor(prompts, **media_lists(samples), padding_side="right")["attention_mask"].sum(1)
+    batch = processor(whole, **media_lists(samples), padding_side="right")
+    positions = torch.arange(batch["input_ids"].shape[1])
+    answer = (positions >= prompt_lengths[:, None]) & (batch["attention_mask"] == 1)
+    batch["labels"] = batch["input_ids"].masked_fill(~answer, -100)
+    return batch
 
 
 def media_lists(samples: list[dict]) -> dict:
@@ -190,23 +220,35 @@ def answer_is_right(generated: str, attribute: str, value: str) -> bool:
 
 
 @torch.no_grad()
-def attribute_accuracy(model, processor, split: str = "heldout", n: int = 60, seed: int = SEED,
-                       batch_size: int = 16, max_new_tokens: int = 8) -> dict[str, float]:
-    """{modality: fraction of attribute questions answered right} over the first n samples of `split`, from
-    greedy generate() on each question, judged by answer_is_right."""
+def generated_answers(model, processor, split: str = "heldout", n: int = 60, seed: int = SEED,
+                      batch_size: int = 16, max_new_tokens: int = 8) -> list[dict]:
+    """Greedy generate() on every attribute question about the first n samples of `split`, each answer judged by
+    answer_is_right: [{"index", "modality", "attribute", "value", "answer", "right"}]."""
     tokenizer = processor.tokenizer
-    rows = [(s, attr, q, v) for s in (sample(split, i, seed) for i in range(n))
+    rows = [(i, s, attr, q, v) for i, s in ((i, sample(split, i, seed)) for i in range(n))
             for attr, (q, v) in zip(s["attributes"], s["qa"])]
-    right: dict[str, list[bool]] = {"image": [], "audio": [], "video": []}
+    records = []
     model.eval()
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        texts = [example_text(tokenizer, s["modality"], "qa", q) for s, _, q, _ in chunk]
-        batch = processor(texts, **media_lists([s for s, *_ in chunk]), padding_side="left")
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        texts = [example_text(tokenizer, s["modality"], "qa", q) for _, s, _, q, _ in chunk]
+        batch = processor(texts, **media_lists([s for _, s, *_ in chunk]), padding_side="left")
         batch = {k: v.to(model.device) for k, v in batch.items()}
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        for (s, attr, _, v), answer in zip(chunk, answers):
-            right[s["modality"]].append(answer_is_right(answer, attr, v))
-    return {m: sum(r) / len(r) for m, r in right.items() if r}
+        records += [{"index": i, "modality": s["modality"], "attribute": attr, "value": v, "answer": answer,
+                     "right": answer_is_right(answer, attr, v)} for (i, s, attr, _, v), answer in zip(chunk, answers)]
+    return records
+
+
+def accuracy_by_modality(records: list[dict]) -> dict[str, float]:
+    """{modality: fraction of its questions answered right}."""
+    return {m: float(np.mean([r["right"] for r in records if r["modality"] == m]))
+            for m in ATTRIBUTES if any(r["modality"] == m for r in records)}
+
+
+def attribute_accuracy(model, processor, split: str = "heldout", n: int = 60, seed: int = SEED,
+                       batch_size: int = 16, max_new_tokens: int = 8) -> dict[str, float]:
+    """{modality: fraction of attribute questions answered right} over the first n samples of `split`."""
+    return accuracy_by_modality(generated_answers(model, processor, split, n, seed, batch_size, max_new_tokens))

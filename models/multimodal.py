@@ -12,17 +12,23 @@ block (RMSNorm, RoPE over stream positions) whose FFN is the MoE.
 
 Departures, and why:
 - Gemini's encoders are not public; ours are the textbook minimum: ViT's Linear(Flatten(patch)) (arXiv 2010.11929),
-  a two-layer CNN over an STFT log spectrogram (as Whisper's conv stem, arXiv 2212.04356), per-frame video patches
-  with a factorized spatio-temporal encoding (ViViT's model 1, arXiv 2103.15691). Their encodings are fixed sines,
-  added before the stream's RoPE, which then orders the spans in the sequence.
+  a two-layer CNN over a log-mel spectrogram (as Whisper's conv stem, arXiv 2212.04356), video frames through the
+  image's patch embedding with a factorized spatio-temporal encoding (ViViT's model 1, arXiv 2103.15691). Their
+  encodings are fixed sines, added before the stream's RoPE, which then orders the spans in the sequence.
+- Two inductive biases for reading attributes in combinations never seen together (measured on the tiny world's
+  held-out pairs): video frames share the image encoder, so shapes learned from images are read in videos whatever
+  their motion; the audio tokens add a frequency-pooled view of the CNN features, so a sweep's local slope on the
+  mel axis, which is about the same at every pitch, is recognized at pitches where training never showed it.
 - Top-K of the softmax renormalized over the chosen experts (Mixtral, arXiv 2401.04088, eq. 1-2 does the softmax
   after the top-K, which is the same gates), plus the Switch Transformer's balance loss (arXiv 2101.03961) so that
   the tiny model uses all experts.
 """
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -61,11 +67,11 @@ class MultimodalConfig(PreTrainedConfig):
     image_size: int = 32  # pixels per side (square images and video frames)
     patch_size: int = 8
     num_channels: int = 3
-    video_frames: int = 4
-    video_patch_size: int = 16
+    video_frames: int = 4  # frames are images: the image's patch_size and encoder
     sample_rate: int = 16_000  # Hz
     n_fft: int = 400  # 25 ms window at 16 kHz
     hop_length: int = 160  # 10 ms
+    n_mels: int = 40  # 40 triangles over 0-8 kHz: the narrowest (~43 Hz) still covers one 40 Hz STFT bin
     audio_channels: int = 16  # CNN width
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
@@ -83,9 +89,8 @@ class MultimodalConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
-        for name, size in (("patch_size", self.patch_size), ("video_patch_size", self.video_patch_size)):
-            if self.image_size % size:
-                raise ValueError(f"image_size ({self.image_size}) must be a multiple of {name} ({size})")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.hidden_size % 4:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of 4 for the 2D sine encoding")
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
@@ -145,50 +150,64 @@ class PatchEmbedding(nn.Module):
         return z + sincos_2d(self.grid, self.grid, z.shape[-1], z.device).to(z.dtype)
 
 
-def log_spectrogram(wave: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:
-    """log(1 + |STFT(x)|), Hann window of n_fft samples every hop_length: (N, L) -> (N, n_fft/2 + 1, 1 + L // hop).
-    log1p keeps silence at 0 and compresses the 20 dB between quiet and loud clips into a few units."""
+def spectrogram(wave: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:
+    """|STFT(x)|, Hann window of n_fft samples every hop_length: (N, L) -> (N, n_fft/2 + 1, 1 + L // hop)."""
     window = torch.hann_window(n_fft, device=wave.device)
-    spec = torch.stft(wave.float(), n_fft, hop_length, window=window, center=True, return_complex=True)
-    return spec.abs().log1p()
+    return torch.stft(wave.float(), n_fft, hop_length, window=window, center=True, return_complex=True).abs()
+
+
+def mel(hz):
+    """m = 2595 log10(1 + f / 700)  (O'Shaughnessy's mel scale, as HTK)."""
+    return 2595 * np.log10(1 + np.asarray(hz) / 700)
+
+
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> torch.Tensor:
+    """(n_mels, n_fft/2 + 1): triangles with peaks equally spaced in mel from 0 to the Nyquist frequency, each
+    rising from its left neighbour's peak and falling to its right one's (the HTK filterbank, unnormalized)."""
+    peaks = 700 * (10 ** (np.linspace(0, mel(sample_rate / 2), n_mels + 2) / 2595) - 1)  # Hz
+    bins = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    left, centre, right = peaks[:-2, None], peaks[1:-1, None], peaks[2:, None]
+    rising, falling = (bins - left) / (centre - left), (right - bins) / (right - centre)
+    return torch.tensor(np.clip(np.minimum(rising, falling), 0, None), dtype=torch.float32)
 
 
 class AudioEncoder(nn.Module):
-    """Spectrogram -> two stride-2 3x3 convolutions over (frequency, time) -> one token per 4 frames (40 ms), plus a
-    sine encoding of the token's time index."""
+    """Log-mel spectrogram -> two stride-2 3x3 convolutions over (mel, time) -> one token per 4 frames (40 ms):
+    the features of every mel band through one linear map, plus their maximum over the bands through another (the
+    frequency-invariant view), plus a sine encoding of the token's time index."""
 
     def __init__(self, config: MultimodalConfig):
         super().__init__()
         self.n_fft, self.hop = config.n_fft, config.hop_length
+        # A buffer outside the state dict: computed from the config, so checkpoints need not carry it.
+        self.register_buffer("filterbank", mel_filterbank(config.n_fft, config.n_mels, config.sample_rate),
+                             persistent=False)
         c = config.audio_channels
         self.conv1 = nn.Conv2d(1, c, 3, stride=2, padding=1)
         self.conv2 = nn.Conv2d(c, c, 3, stride=2, padding=1)
-        freq = config.n_fft // 2 + 1
+        bands = config.n_mels
         for _ in range(2):
-            freq = (freq - 1) // 2 + 1
-        self.proj = nn.Linear(c * freq, config.hidden_size)
+            bands = (bands - 1) // 2 + 1
+        self.proj = nn.Linear(c * bands, config.hidden_size)
+        self.pooled_proj = nn.Linear(c, config.hidden_size)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:  # (N, L) -> (N, T', D)
-        x = log_spectrogram(wave, self.n_fft, self.hop)[:, None].to(self.proj.weight.dtype)  # (N, 1, F, T)
-        x = F.gelu(self.conv2(F.gelu(self.conv1(x))))  # (N, c, F', T')
-        z = self.proj(x.permute(0, 3, 1, 2).flatten(2))  # (N, T', D)
+        # log1p keeps silence at 0 and compresses the 20 dB between quiet and loud clips into a few units.
+        spec = torch.einsum("mf,nft->nmt", self.filterbank, spectrogram(wave, self.n_fft, self.hop)).log1p()
+        x = F.gelu(self.conv2(F.gelu(self.conv1(spec[:, None].to(self.proj.weight.dtype)))))  # (N, c, M', T')
+        z = self.proj(x.permute(0, 3, 1, 2).flatten(2)) + self.pooled_proj(x.amax(2).transpose(1, 2))  # (N, T', D)
         t = torch.arange(z.shape[1], device=z.device)[None]
         return z + sinusoidal_encoding(t, z.shape[-1])[0].to(z.dtype)
 
 
-class VideoEncoder(nn.Module):
-    """Per-frame patches with their 2D encoding, plus a sine encoding of the frame index (factorized space-time)."""
-
-    def __init__(self, config: MultimodalConfig):
-        super().__init__()
-        self.patches = PatchEmbedding(config, config.video_patch_size)
-
-    def forward(self, videos: torch.Tensor) -> torch.Tensor:  # (N, F, C, H, W) -> (N, F * P, D)
-        N, T = videos.shape[:2]
-        z = self.patches(videos.flatten(0, 1)).unflatten(0, (N, T))  # (N, F, P, D)
-        t = torch.arange(T, device=z.device)[None]
-        z = z + sinusoidal_encoding(t, z.shape[-1])[0, :, None].to(z.dtype)
-        return z.flatten(1, 2)
+def encode_video(image_encoder: PatchEmbedding, videos: torch.Tensor) -> torch.Tensor:
+    """Each frame through the image encoder (patches and their 2D encoding), plus a sine encoding of the frame index
+    (factorized space-time). (N, F, C, H, W) -> (N, F * P, D)."""
+    N, T = videos.shape[:2]
+    z = image_encoder(videos.flatten(0, 1)).unflatten(0, (N, T))  # (N, F, P, D)
+    t = torch.arange(T, device=z.device)[None]
+    z = z + sinusoidal_encoding(t, z.shape[-1])[0, :, None].to(z.dtype)
+    return z.flatten(1, 2)
 
 
 # ------------------------------------------------------------------------------------------------------- attention
@@ -279,10 +298,16 @@ class SparseMoE(nn.Module):
         self.k = config.num_experts_per_tok
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=True)  # W_r, b_r
         self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_experts))
+        # Assignments per expert summed over training forwards until a trainer reads and clears them (for MaxVio);
+        # a plain attribute, so from_pretrained never sees it.
+        self.load_since_update = None
 
     def forward(self, x):  # (B, T, D) -> (B, T, D), balance loss
         flat = x.reshape(-1, x.shape[-1])
         probs, gates, idx = softmax_topk_gates(self.router(flat), self.k)
+        if self.training:
+            load = torch.bincount(idx.flatten(), minlength=len(self.experts)).float()
+            self.load_since_update = load if self.load_since_update is None else self.load_since_update + load
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = (idx == e).nonzero(as_tuple=True)  # tokens that chose e, and in which of their K slots
@@ -324,7 +349,7 @@ class MultimodalModelOutput(BaseModelOutputWithPast):
 
 @dataclass
 class MultimodalCausalLMOutput(CausalLMOutputWithPast):
-    aux_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # router_aux_loss_coef * that sum: the part of `loss` that is not the LM's
 
 
 class MultimodalModel(MultimodalPreTrainedModel):
@@ -333,7 +358,6 @@ class MultimodalModel(MultimodalPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.image_encoder = PatchEmbedding(config, config.patch_size)
         self.audio_encoder = AudioEncoder(config)
-        self.video_encoder = VideoEncoder(config)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
@@ -350,7 +374,7 @@ class MultimodalModel(MultimodalPreTrainedModel):
             feats[MODALITIES["audio"]] = torch.cat([z[i, :audio_tokens(int(n), self.config.hop_length)]
                                                     for i, n in enumerate(lengths)])
         if pixel_values_videos is not None:
-            feats[MODALITIES["video"]] = self.video_encoder(pixel_values_videos).flatten(0, 1)
+            feats[MODALITIES["video"]] = encode_video(self.image_encoder, pixel_values_videos).flatten(0, 1)
         return feats
 
     def embed(self, input_ids, mm_token_type_ids=None, **media) -> torch.Tensor:
@@ -407,11 +431,10 @@ class MultimodalForCausalLM(MultimodalPreTrainedModel, GenerationMixin):
                          pixel_values_videos=pixel_values_videos)
         h = out.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T', V)
-        loss = None
+        loss, aux = None, self.config.router_aux_loss_coef * out.aux_loss
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = loss + self.config.router_aux_loss_coef * out.aux_loss
-        return MultimodalCausalLMOutput(loss=loss, logits=logits, cache=out.cache, aux_loss=out.aux_loss)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs) + aux
+        return MultimodalCausalLMOutput(loss=loss, logits=logits, cache=out.cache, aux_loss=aux)
 
 
 # ------------------------------------------------------------------------------------------------------- processor
@@ -419,7 +442,12 @@ class MultimodalProcessor:
     """Texts with media markers, and the media, -> model inputs. Each `<|image|>`, `<|audio|>` or `<|video|>` in a
     text takes the next item of that modality and becomes `<|image|>` + one slot per encoder token + `<|/image|>`.
     Slots hold the pad id (their embeddings are replaced) and their modality code in mm_token_type_ids.
-    images: (3, H, W) arrays; audio: (samples,) arrays at config.sample_rate; videos: (frames, 3, H, W) arrays."""
+    images: (3, H, W) arrays; audio: (samples,) arrays at config.sample_rate; videos: (frames, 3, H, W) arrays.
+    save_pretrained writes the tokenizer and processor_config.json (the geometry the slot counts follow) beside the
+    model, so from_pretrained(model_dir) gives back the processor the model was trained with."""
+
+    CONFIG_FILE = "processor_config.json"
+    GEOMETRY = ("image_size", "patch_size", "sample_rate", "n_fft", "hop_length")
 
     def __init__(self, tokenizer, config: MultimodalConfig):
         self.tokenizer, self.config = tokenizer, config
@@ -427,13 +455,25 @@ class MultimodalProcessor:
         self.closer = {m: tokenizer.convert_tokens_to_ids(f"<|/{m}|>") for m in MODALITIES}
         self.split = "(" + "|".join(f"<\\|{m}\\|>" for m in MODALITIES) + ")"
 
+    def save_pretrained(self, directory) -> None:
+        self.tokenizer.save_pretrained(directory)
+        geometry = {name: getattr(self.config, name) for name in self.GEOMETRY}
+        (Path(directory) / self.CONFIG_FILE).write_text(json.dumps(geometry, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "MultimodalProcessor":
+        from transformers import AutoTokenizer
+
+        geometry = json.loads((Path(directory) / cls.CONFIG_FILE).read_text())
+        return cls(AutoTokenizer.from_pretrained(directory), MultimodalConfig(**geometry))
+
     def slots(self, modality: str, item) -> int:
         c = self.config
         if modality == "image":
             return image_tokens(c.image_size, c.patch_size)
         if modality == "audio":
             return audio_tokens(len(item), c.hop_length)
-        return video_tokens(len(item), c.image_size, c.video_patch_size)
+        return video_tokens(len(item), c.image_size, c.patch_size)
 
     def __call__(self, texts: list[str], images=(), audio=(), videos=(), padding_side: str = "left") -> dict:
         media = {"image": iter(images), "audio": iter(audio), "video": iter(videos)}
@@ -481,9 +521,8 @@ class MultimodalProcessor:
 
 # -------------------------------------------------------------------------------------------------------- builders
 def multimodal_tiny(vocab_size: int = 2048) -> MultimodalConfig:
-    """2.33M parameters at vocab 2048 (embeddings tied): 32 x 32 images in 16 patches, videos of 4 frames in 16 patches, audio at
-    one token per 40 ms. Trains on two CPU cores."""
+    """32 x 32 images in 16 patches, videos of 4 such frames (64 tokens), audio at one token per 40 ms.
+    Trains on two CPU cores."""
     return MultimodalConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                             num_experts=4, num_experts_per_tok=2, expert_intermediate_size=256,
-                            image_size=32, patch_size=8, video_frames=4, video_patch_size=16,
-                            max_position_embeddings=1024)
+                            image_size=32, patch_size=8, video_frames=4, max_position_embeddings=1024)

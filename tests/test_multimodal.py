@@ -19,10 +19,12 @@ from models.multimodal import (
     audio_frames,
     audio_tokens,
     image_tokens,
-    log_spectrogram,
+    mel,
+    mel_filterbank,
     multimodal_tiny,
     patchify,
     softmax_topk_gates,
+    spectrogram,
     switch_balance_loss,
     video_tokens,
 )
@@ -65,12 +67,24 @@ def test_audio_spectrogram_peaks_at_the_pitch():
     for pitch, hz in mm.PITCHES.items():
         a = {"kind": "tone", "pitch": pitch, "length": "long", "loudness": "loud"}
         wave = torch.as_tensor(mm.render_audio(np.random.default_rng(0), a))
-        spec = log_spectrogram(wave[None], n_fft=400, hop_length=160)[0]  # 40 Hz per bin
+        spec = spectrogram(wave[None], n_fft=400, hop_length=160)[0]  # 40 Hz per bin
         assert spec.shape == (201, 51)
         assert abs(spec.mean(1).argmax().item() * 40 - hz) <= 0.05 * hz + 40
     chirp = {"kind": "chirp", "pitch": "medium", "length": "long", "loudness": "loud"}
-    spec = log_spectrogram(torch.as_tensor(mm.render_audio(np.random.default_rng(0), chirp))[None], 400, 160)[0]
+    spec = spectrogram(torch.as_tensor(mm.render_audio(np.random.default_rng(0), chirp))[None], 400, 160)[0]
     assert spec[:, 45].argmax() > 1.6 * spec[:, 5].argmax()  # sweeps up towards an octave
+
+
+def test_mel_filterbank_peaks_are_equally_spaced_in_mel():
+    bank = mel_filterbank(400, 40, 16_000)  # (40 bands, 201 bins of 40 Hz)
+    assert bank.shape == (40, 201) and (bank.sum(1) > 0).all()  # the narrowest band still covers a bin
+    peaks_hz = bank.argmax(1).numpy() * 40.0
+    spacing = np.diff(mel(peaks_hz))
+    assert abs(spacing.mean() - mel(8000) / 41) < 2 and spacing.std() < 15  # bins quantize the peaks to 40 Hz
+    for hz in (300, 2000):  # a tone lights the band whose peak is nearest to it
+        tone = torch.sin(2 * torch.pi * hz * torch.arange(8000) / 16_000)
+        band = (bank @ spectrogram(tone[None], 400, 160)[0]).mean(1).argmax()
+        assert abs(peaks_hz[band] - hz) <= 0.5 * (peaks_hz[band + 1] - peaks_hz[band - 1])
 
 
 def test_video_moves_in_its_direction():
@@ -94,7 +108,7 @@ def test_answer_grading():
 def test_token_counts_follow_the_arithmetic():
     assert image_tokens(224, 14) == 256
     assert audio_frames(16_000, 160) == 101  # one second, 10 ms hop: about 100 frames
-    assert log_spectrogram(torch.zeros(1, 16_000), 400, 160).shape[-1] == 101
+    assert spectrogram(torch.zeros(1, 16_000), 400, 160).shape[-1] == 101
     assert audio_tokens(16_000, 160) == 26  # two stride-2 convolutions
     assert video_tokens(4, 32, 16) == 16
     config = multimodal_tiny(vocab_size=64)
@@ -157,7 +171,7 @@ def test_processor_builds_the_stream(setup, tokenizer):
     types = batch["mm_token_type_ids"]
     assert (types == MODALITIES["image"]).sum() == 16
     assert (types == MODALITIES["audio"]).sum() == audio_tokens(len(samples[1]["media"]), 160)
-    assert (types == MODALITIES["video"]).sum() == 16
+    assert (types == MODALITIES["video"]).sum() == 4 * 16  # four frames, each an image
     ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
     open_, close = (tokenizer.convert_tokens_to_ids(t) for t in ("<|image|>", "<|/image|>"))
     assert ids[ids.index(open_) + 17] == close  # <|image|>, 16 slots, <|/image|>
@@ -204,6 +218,36 @@ def test_save_load_through_auto_classes(setup, tmp_path, tokenizer):
                       videos=[mm.sample("train", 2)["media"]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_processor_saves_and_loads_with_the_model(setup, tmp_path, tokenizer):
+    model, _ = setup
+    config = MultimodalConfig(**{**model.config.to_dict(), "image_size": 48, "patch_size": 12, "hop_length": 200})
+    processor = MultimodalProcessor(tokenizer, config)
+    MultimodalForCausalLM(config).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = MultimodalProcessor.from_pretrained(tmp_path)
+    image, clip = np.zeros((3, 48, 48), np.float32), np.zeros(4000, np.float32)
+    texts = [mm.example_text(tokenizer, "image", "qa", "What colour is it?"), "<|audio|>How loud?"]
+    a, b = processor(texts, images=[image], audio=[clip]), loaded(texts, images=[image], audio=[clip])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (b["mm_token_type_ids"] == MODALITIES["image"]).sum() == 16  # (48 / 12)^2: the saved geometry, not 32/8
+    assert (b["mm_token_type_ids"] == MODALITIES["audio"]).sum() == audio_tokens(4000, 200) == 6
+    assert loaded.tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert loaded.tokenizer.chat_template == tokenizer.chat_template
+
+
+def test_answer_only_labels_cover_the_answer_and_its_end_token(setup, tokenizer):
+    _, processor = setup
+    pairs = [mm.qa_pair("train", i) for i in range(6)]
+    assert {s["modality"] for s, *_ in pairs} == {"image", "audio", "video"}
+    batch = mm.answer_only_batch(processor, pairs)
+    for row, (_s, attribute, question, answer) in enumerate(pairs):
+        labelled = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert labelled == tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert mm.QUESTIONS[attribute] == question
+    attributes = [mm.qa_pair("train", i)[1] for i in range(0, 300, 3)]  # images: each attribute asked about
+    assert {a: attributes.count(a) > 15 for a in mm.ATTRIBUTES["image"]} == dict.fromkeys(mm.ATTRIBUTES["image"], True)
 
 
 def test_training_steps_lower_the_loss_and_reach_every_part(setup):
