@@ -1,6 +1,8 @@
-"""pretrain: next-token pretraining of a backbone on the world corpus, with exact resume.
+"""pretrain: next-token pretraining of a backbone, with exact resume: the text backbones on the world corpus, the
+multimodal one on the world's rendered images, audio and videos with their captions and question/answer pairs.
 
-One process trains in-process; `num_processes > 1` (or an accelerate config file) runs this same function under
+The two differ only in their data (CorpusBlocks, RenderedWorld: a batch from the step number alone); one loop trains
+both. One process trains in-process; `num_processes > 1` (or an accelerate config file) runs this same function under
 `accelerate launch`, one rank per process (gloo on CPU). Checkpoints are `accelerator.save_state` folders written
 under a temporary name and renamed: weights (with the MoE routing biases, which are buffers), optimizer, scheduler,
 every rank's RNG states, and the step, which alone fixes the data position (batches are a seeded permutation).
@@ -46,13 +48,15 @@ class PretrainConfig(BaseModel):
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    balancing: Literal["loss_free", "aux_loss", "none"] = Field("loss_free", description="MoE only")
+    balancing: Literal["loss_free", "aux_loss", "none"] = Field("loss_free", description="DeepSeek MoE only (the "
+                                                                "multimodal softmax router has its Switch loss)")
     bias_gamma: float = Field(0.001, ge=0, description="loss_free: bias update speed (DeepSeek-V3 sec. 4.2)")
     aux_alpha: float = Field(0.01, ge=0, description="aux_loss: weight of the sequence-wise balance loss")
     dtype: Literal["float32", "bfloat16"] = "float32"
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(50, ge=1)
-    val_fraction: float = Field(0.02, gt=0, lt=0.5)
+    val_fraction: float = Field(0.02, gt=0, lt=0.5, description="of the corpus rows; for the multimodal backbone, "
+                                "held-out batches as a fraction of max_steps")
     num_processes: int = Field(1, ge=1)
     accelerate_config: Path | None = Field(None, description="an accelerate config file (GPUs, nodes, FSDP); "
                                            "it sets the number of processes, not num_processes")
@@ -76,6 +80,13 @@ class PretrainConfig(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------------------------ data
+def is_multimodal(cfg: PretrainConfig) -> bool:
+    import models
+    from models.multimodal import MultimodalConfig
+
+    return isinstance(models.SIZES[cfg.model](), MultimodalConfig)
+
+
 def token_blocks(tokenizer, lines: list[str], seq_len: int) -> torch.Tensor:
     """Documents joined as <bos> doc <eos> <bos> doc ... and cut into rows of seq_len tokens (the tail is dropped).
     A row is its own labels: the model's loss shifts them by one."""
@@ -100,6 +111,54 @@ def batch_rows(step: int, n_rows: int, batch_size: int, seed: int, rank: int = 0
     return chosen
 
 
+class CorpusBlocks:
+    """The world corpus as token_blocks rows, the last val_fraction of them held out."""
+
+    def __init__(self, cfg: PretrainConfig, tokenizer, corpus: Path):
+        from tasks.tokenizer import read_corpus
+
+        self.cfg, self.tokenizer = cfg, tokenizer
+        blocks = token_blocks(tokenizer, read_corpus(corpus), cfg.seq_len)
+        n_val = max(1, int(len(blocks) * cfg.val_fraction))
+        self.train, self.val = blocks[:-n_val], blocks[-n_val:]
+
+    def batch(self, step: int, rank: int, world: int) -> dict:
+        rows = self.train[batch_rows(step, len(self.train), self.cfg.batch_size, self.cfg.seed, rank, world)]
+        return {"input_ids": rows, "labels": rows}
+
+    def validation_batches(self):
+        for start in range(0, len(self.val), self.cfg.batch_size):
+            rows = self.val[start : start + self.cfg.batch_size]
+            yield {"input_ids": rows, "labels": rows}
+
+    def save(self, directory: Path) -> None:
+        self.tokenizer.save_pretrained(directory)
+
+
+class RenderedWorld:
+    """The multimodal world (data/multimodal.py): global batch `step` is world batches step * world .. of the train
+    split, one per rank, rendered on demand, so the step alone fixes the data position as in CorpusBlocks. The world
+    is fixed by its own seed; cfg.seed changes the initial weights. Validation: the first val_fraction * max_steps
+    batches of the held-out split (attribute combinations never trained on)."""
+
+    def __init__(self, cfg: PretrainConfig, processor):
+        self.cfg, self.processor = cfg, processor
+
+    def batch(self, step: int, rank: int, world: int) -> dict:
+        from data.multimodal import pretraining_batch
+
+        return pretraining_batch("train", self.processor, step * world + rank, self.cfg.batch_size)
+
+    def validation_batches(self):
+        from data.multimodal import pretraining_batch
+
+        for index in range(max(1, int(self.cfg.val_fraction * self.cfg.max_steps))):
+            yield pretraining_batch("heldout", self.processor, index, self.cfg.batch_size)
+
+    def save(self, directory: Path) -> None:
+        self.processor.save_pretrained(directory)
+
+
 # ------------------------------------------------------------------------------------------------------------- MFU
 def flops_per_token(matmul_params: int, n_layers: int, qk_width: int, v_width: int, seq_len: int) -> float:
     """6 N + 6 L T (d_qk + d_v): training FLOPs per token (PaLM, arXiv 2204.02311, appendix B: 6N + 12 L H Q T).
@@ -112,8 +171,10 @@ def flops_per_token(matmul_params: int, n_layers: int, qk_width: int, v_width: i
 def matmul_params(model) -> int:
     """N of flops_per_token: the weights a token is multiplied with. The input embedding is a lookup, not a matmul;
     the output projection is counted (even when tied to it) once per head that applies it (the MTP modules reuse it);
-    a routed expert's weights count K_r / N_r (each token visits K_r of the N_r experts)."""
+    a routed expert's weights count K_r / N_r (each token visits K_r of the N_r experts). The multimodal encoders
+    are counted as if every token went through them: they are ~2% of its weights."""
     config = model.config
+    n_experts = getattr(config, "n_routed_experts", None) or getattr(config, "num_experts", None)
     embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     heads = 1 + len(getattr(model, "mtp", []))
     total = head.numel() * heads
@@ -121,7 +182,7 @@ def matmul_params(model) -> int:
         if p is embedding or p is head:
             continue
         if ".experts." in name:
-            total += p.numel() * config.num_experts_per_tok // config.n_routed_experts
+            total += p.numel() * config.num_experts_per_tok // n_experts
         else:
             total += p.numel()
     return total
@@ -224,7 +285,7 @@ def build_model(cfg: PretrainConfig, tokenizer):
 
 
 def lm_loss(out) -> torch.Tensor:
-    """The next-token loss alone: the MoE's training loss also holds its balance loss and MTP loss."""
+    """The next-token loss alone: the MoEs' training losses also hold their balance loss and MTP loss."""
     loss = out.loss
     for extra in (getattr(out, "aux_loss", None), getattr(out, "mtp_loss", None)):
         if extra is not None:
@@ -232,20 +293,48 @@ def lm_loss(out) -> torch.Tensor:
     return loss
 
 
-def pretrain(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir: Path, on_progress=None,
+def moe_layers(model) -> list:
+    """The routing modules: DeepSeek's gates (models/moe.py) or the multimodal softmax routers."""
+    from models.moe import Gate
+    from models.multimodal import SparseMoE
+
+    return [m for m in model.modules() if isinstance(m, (Gate, SparseMoE))]
+
+
+def routing_bias(layer) -> torch.Tensor:
+    """DeepSeek's expert-selection bias b_i, or the softmax router's b_r."""
+    return layer.e_score_correction_bias if hasattr(layer, "e_score_correction_bias") else layer.router.bias
+
+
+def routing_step(accelerator, model, layers: list) -> dict:
+    """After an optimizer step: each MoE layer's expert loads over the global batch, its MaxVio and bias norm.
+    DeepSeek gates first move their loss-free biases (update_biases all-reduces their loads in place)."""
+    from models.balancing import max_violation, update_biases
+    from models.moe import Gate
+
+    loads = [layer.load_since_update for layer in layers]
+    if isinstance(layers[0], Gate):
+        update_biases(model, model.config.bias_update_speed)
+    else:
+        loads = [accelerator.reduce(load, "sum") for load in loads]
+        for layer in layers:
+            layer.load_since_update = None
+    return {"loads": [load.tolist() for load in loads], "max_vio": [max_violation(load) for load in loads],
+            "bias_norm": [routing_bias(layer).norm().item() for layer in layers]}
+
+
+def pretrain(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path | None, out_dir: Path, on_progress=None,
              peak_cache: Path = PEAK_CACHE) -> dict:
     """Train, checkpointing into out_dir/checkpoints and resuming from the newest one; save out_dir/model (weights
-    and tokenizer), loss.csv, loss.png and metrics.json; return the metrics.
-    on_progress(step, total, metrics) is called on rank 0 after every step."""
+    and tokenizer, or processor), loss.csv, loss.png and metrics.json; return the metrics. The multimodal backbone
+    reads no corpus (corpus=None). on_progress(step, total, metrics) is called on rank 0 after every step."""
     if (cfg.num_processes > 1 or cfg.accelerate_config) and "LOCAL_RANK" not in os.environ:
         return launch(cfg, tokenizer_dir=tokenizer_dir, corpus=corpus, out_dir=out_dir, on_progress=on_progress)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-    from models.balancing import max_violation, update_biases
-    from models.moe import Gate
-    from tasks.tokenizer import read_corpus
+    from models.multimodal import MultimodalProcessor
 
     out_dir = Path(out_dir)
     # bf16 is autocast around the forward below (fp32 master weights), not Accelerator(mixed_precision=...): the
@@ -254,10 +343,11 @@ def pretrain(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir:
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.seed)  # python, numpy and torch: the same initial weights on every rank
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    blocks = token_blocks(tokenizer, read_corpus(corpus), cfg.seq_len)
-    n_val = max(1, int(len(blocks) * cfg.val_fraction))
-    train_blocks, val_blocks = blocks[:-n_val], blocks[-n_val:]
     model = build_model(cfg, tokenizer)
+    if is_multimodal(cfg):
+        data = RenderedWorld(cfg, MultimodalProcessor(tokenizer, model.config))
+    else:
+        data = CorpusBlocks(cfg, tokenizer, corpus)
     # No weight decay on norms and biases (1-D), as GPT-2/3 and Llama.
     optimizer = torch.optim.AdamW([
         {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -278,16 +368,15 @@ def pretrain(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir:
     log.info("rank %d of %d: training %s from step %d%s", rank, world, cfg.model, start,
              f" (resumed from {checkpoints})" if start else "")
     unwrapped = accelerator.unwrap_model(model)
-    gates = [m for m in unwrapped.modules() if isinstance(m, Gate)]
+    routers = moe_layers(unwrapped)
     progress = Progress(f"pretrain {cfg.model}", cfg.max_steps, unit="step") if rank == 0 else None
-    step_seconds, step_tokens = [], 0
+    step_seconds, step_shapes = [], []  # per step: seconds, and the (rows, positions) of this rank's batch
     model.train()
     for step in range(start, cfg.max_steps):
         began = time.perf_counter()
-        rows = train_blocks[batch_rows(step, len(train_blocks), cfg.batch_size, cfg.seed, rank, world)]
-        rows = rows.to(accelerator.device)
+        batch = {k: v.to(accelerator.device) for k, v in data.batch(step, rank, world).items()}
         with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-            out = model(input_ids=rows, labels=rows)
+            out = model(**batch)
         loss = out.loss
         if not torch.isfinite(loss):
             kept = checkpoint_steps(checkpoints)
@@ -299,17 +388,12 @@ def pretrain(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if gates:
-            # update_biases all-reduces these load tensors in place: afterwards they hold the global batch's loads.
-            loads = [g.load_since_update for g in gates]
-            update_biases(unwrapped, unwrapped.config.bias_update_speed)
-            state.moe.append({"loads": [load.tolist() for load in loads],
-                              "max_vio": [max_violation(load) for load in loads],
-                              "bias_norm": [g.e_score_correction_bias.norm().item() for g in gates]})
+        if routers:
+            state.moe.append(routing_step(accelerator, unwrapped, routers))
         state.losses.append(accelerator.reduce(lm_loss(out).detach().float(), "mean").item())
         state.step = step + 1
         step_seconds.append(time.perf_counter() - began)
-        step_tokens = rows.numel() * world
+        step_shapes.append(tuple(batch["input_ids"].shape))
         shown = {"loss": state.losses[-1]}
         if state.moe:
             shown["max_vio"] = float(np.mean(state.moe[-1]["max_vio"]))
@@ -326,20 +410,24 @@ def pretrain(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir:
         progress.close()
 
     metrics = {"steps": cfg.max_steps, "final_loss": round(float(np.mean(state.losses[-10:])), 4),
-               "val_loss": round(validation_loss(unwrapped, val_blocks, accelerator.device, cfg.batch_size), 4),
+               "val_loss": round(validation_loss(unwrapped, data.validation_batches(), accelerator.device), 4),
                "parameters": sum(p.numel() for p in unwrapped.parameters())}
-    timed = step_seconds[2:] if len(step_seconds) > 4 else step_seconds  # the first steps warm up kernels
+    skip = 2 if len(step_seconds) > 4 else 0  # the first steps warm up kernels
+    timed, shapes = step_seconds[skip:], step_shapes[skip:]
     if timed:
-        throughput = step_tokens / float(np.mean(timed))
+        # Every position a batch computes counts, padding included; the multimodal batches vary in length.
+        throughput = sum(rows * positions for rows, positions in shapes) * world / sum(timed)
         peak = measure_gemm_peak(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32,
                                  accelerator.device.type, peak_cache)
         qk, v = attention_widths(unwrapped.config)
-        per_token = flops_per_token(matmul_params(unwrapped), unwrapped.config.num_hidden_layers, qk, v, cfg.seq_len)
+        seq_len = round(float(np.mean([positions for _, positions in shapes])))
+        per_token = flops_per_token(matmul_params(unwrapped), unwrapped.config.num_hidden_layers, qk, v, seq_len)
         metrics.update({"tokens_per_s": round(throughput, 1), "flops_per_token": per_token,
                         "peak_flops": round(peak), "mfu": round(throughput * per_token / (peak * world), 4)})
-    if gates:
-        metrics.update(moe_metrics(state.moe, gates))
-        c = unwrapped.config
+    if routers:
+        metrics.update(moe_metrics(state.moe, routers))
+    c = unwrapped.config
+    if hasattr(c, "kv_lora_rank"):  # MLA
         from models.moe import mla_kv_elements_per_token
 
         element = 2 if cfg.dtype == "bfloat16" else 4
@@ -347,7 +435,7 @@ def pretrain(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir:
                                                                             c.num_hidden_layers)
     if accelerator.is_main_process:
         unwrapped.save_pretrained(out_dir / "model")
-        tokenizer.save_pretrained(out_dir / "model")
+        data.save(out_dir / "model")
         write_curve(out_dir, state.losses, state.moe)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out_dir / "ranks").mkdir(exist_ok=True)
@@ -362,26 +450,28 @@ def pretrain(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir:
     return metrics
 
 
-def moe_metrics(history: list[dict], gates) -> dict:
+def moe_metrics(history: list[dict], layers) -> dict:
     """Routing over the last 20% of steps: MaxVio (mean over MoE layers, then over steps), each layer's share of the
     assignments per expert, and each layer's final bias norm."""
     tail = history[-max(len(history) // 5, 1):]
     loads = np.sum([r["loads"] for r in tail], axis=0)  # (layers, experts)
     return {"max_vio_last20pct": round(float(np.mean([np.mean(r["max_vio"]) for r in tail])), 4),
             "expert_loads": np.round(loads / loads.sum(-1, keepdims=True), 4).tolist(),
-            "bias_norms": [round(g.e_score_correction_bias.norm().item(), 5) for g in gates]}
+            "bias_norms": [round(routing_bias(layer).norm().item(), 5) for layer in layers]}
 
 
 @torch.inference_mode()
-def validation_loss(model, blocks: torch.Tensor, device, batch_size: int) -> float:
-    """Mean next-token cross-entropy over the held-out rows (the LM loss only, for every backbone)."""
+def validation_loss(model, batches, device) -> float:
+    """Mean next-token cross-entropy over the held-out batches' labelled tokens (the LM loss only, for every
+    backbone; -100 marks media slots and padding)."""
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        rows = blocks[start : start + batch_size].to(device)
-        logits = model(input_ids=rows, use_cache=False).logits[:, :-1].float()
-        total += F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").item()
-        count += rows[:, 1:].numel()
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")[:, 1:]
+        logits = model(**batch, use_cache=False).logits[:, :-1].float()
+        total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
     model.train()
     return total / count
 
@@ -435,7 +525,7 @@ def publish(out_dir: Path, metrics: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- multi-process
-def launch(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir: Path, on_progress=None) -> dict:
+def launch(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path | None, out_dir: Path, on_progress=None) -> dict:
     """Run `python -m tasks.pretrain` under `accelerate launch`, stream the ranks' log lines, and fail naming every
     rank that failed (each rank writes ranks/rank-<N>.error before it exits). Progress comes from rank 0's log
     lines, so every log_every steps."""
@@ -474,7 +564,7 @@ def launch(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path, out_dir: P
     return metrics
 
 
-def launch_command(cfg: PretrainConfig, config_file: Path, *, tokenizer_dir: Path, corpus: Path,
+def launch_command(cfg: PretrainConfig, config_file: Path, *, tokenizer_dir: Path, corpus: Path | None,
                    out_dir: Path) -> list[str]:
     """accelerate launch of this module: with cfg.accelerate_config as it is (it sets the processes, machines and
     backend), else N local processes."""
@@ -484,8 +574,8 @@ def launch_command(cfg: PretrainConfig, config_file: Path, *, tokenizer_dir: Pat
         launcher = ["--multi_gpu", "--num_processes", str(cfg.num_processes), "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     return [sys.executable, "-m", "accelerate.commands.launch", *launcher, "-m", "tasks.pretrain",
-            "--config", str(config_file), "--tokenizer", str(tokenizer_dir), "--corpus", str(corpus),
-            "--out", str(out_dir)]
+            "--config", str(config_file), "--tokenizer", str(tokenizer_dir),
+            *(["--corpus", str(corpus)] if corpus else []), "--out", str(out_dir)]
 
 
 def run_logger():
@@ -511,7 +601,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="the pretrain step's training function, from the command line")
     parser.add_argument("--config", type=Path, required=True, help="a JSON PretrainConfig")
     parser.add_argument("--tokenizer", type=Path, required=True)
-    parser.add_argument("--corpus", type=Path, required=True)
+    parser.add_argument("--corpus", type=Path, help="the text backbones' corpus")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
@@ -535,13 +625,17 @@ def main() -> None:
 
 @task(name="pretrain", task_run_name="{step}", cache_policy=store.NO_PREFECT_CACHE, persist_result=False)
 def pretrain_task(step: str, cfg: PretrainConfig, st: store.Store, tokenizer: store.StepRef, corpus: Path):
+    """The text backbones read the corpus; the multimodal one reads the rendered world's code instead."""
+    multimodal = is_multimodal(cfg)
+
     def work(out: Path) -> dict:
-        metrics = pretrain(cfg, tokenizer_dir=tokenizer.dir, corpus=corpus, out_dir=out)
+        metrics = pretrain(cfg, tokenizer_dir=tokenizer.dir, corpus=None if multimodal else corpus, out_dir=out)
         if not (cfg.num_processes > 1 or cfg.accelerate_config):  # launch() publishes its own
             publish(out, metrics)
         return metrics
 
-    ref = st.run(step, cfg, inputs=[tokenizer], files=[corpus], code=[__name__], work=work)
+    ref = st.run(step, cfg, inputs=[tokenizer], files=[] if multimodal else [corpus],
+                 code=[__name__, "data.multimodal"] if multimodal else [__name__], work=work)
     return store.prefect_state(ref)
 
 

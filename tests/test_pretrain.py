@@ -1,5 +1,5 @@
 """The pretrain step's training function: config validation, data position, FLOP counts, exact resume after
-SIGKILL, the NaN guard, and two gloo ranks under accelerate launch."""
+SIGKILL (MoE and multimodal), the NaN guard, and two gloo ranks under accelerate launch."""
 
 import json
 import os
@@ -113,8 +113,8 @@ def on_progress(step, total, metrics):
     draws.write(f"{step} {torch.rand(()).item()!r}\\n"); draws.flush()
     if step == int(kill_at):
         os.kill(os.getpid(), signal.SIGKILL)
-pretrain(PretrainConfig.model_validate_json(cfg), tokenizer_dir=Path(tok), corpus=Path(corpus), out_dir=Path(out),
-         on_progress=on_progress)
+pretrain(PretrainConfig.model_validate_json(cfg), tokenizer_dir=Path(tok), corpus=Path(corpus) if corpus else None,
+         out_dir=Path(out), on_progress=on_progress)
 """
 
 
@@ -157,6 +157,40 @@ def test_sigkilled_run_resumes_to_the_same_losses_and_weights(inputs, tmp_path):
     loads = torch.tensor(metrics["expert_loads"])
     assert loads.shape == (4, 8) and torch.allclose(loads.sum(-1), torch.ones(4), atol=1e-3)  # 3 MoE layers + MTP
     assert (tmp_path / "whole" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_multimodal_sigkilled_run_resumes_to_the_same_losses_and_weights(inputs, tmp_path):
+    """The multimodal backbone through the same loop, on the rendered world (no corpus): killed at step 5, after the
+    checkpoint of step 4, the rerun ends where an unkilled run ends, router loads and processor included."""
+    from models.multimodal import MultimodalProcessor
+
+    cfg = PretrainConfig(model="multimodal-tiny", max_steps=6, checkpoint_every=2, val_fraction=0.3, **TINY)
+    no_corpus = (inputs[0], "")
+    whole = run_steps(cfg, no_corpus, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = run_steps(cfg, no_corpus, tmp_path / "killed", kill_at=5)
+    assert killed.returncode == -signal.SIGKILL and checkpoint_steps(tmp_path / "killed" / "checkpoints") == [4]
+    rerun = run_steps(cfg, no_corpus, tmp_path / "killed")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "training multimodal-tiny from step 4 (resumed" in rerun.stderr
+
+    def curve(name):
+        return (tmp_path / name / "loss.csv").read_text().splitlines()
+
+    assert curve("whole")[0] == "step,loss,max_vio,bias_norm" and len(curve("whole")) == 7
+    assert curve("killed") == curve("whole")
+    a, b = load_file(tmp_path / "whole/model/model.safetensors"), load_file(tmp_path / "killed/model/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("model.audio_encoder.") for k in a) and any(".experts.3." in k for k in a)
+
+    metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert 0 < metrics["mfu"] < 1 and metrics["tokens_per_s"] > 0
+    assert metrics["val_loss"] < 8  # ln(400) = 6.0 is a uniform guess; 6 steps barely move it
+    loads = torch.tensor(metrics["expert_loads"])
+    assert loads.shape == (4, 4) and torch.allclose(loads.sum(-1), torch.ones(4), atol=1e-3)  # 4 layers x 4 experts
+    assert 0 <= metrics["max_vio_last20pct"] < 3 and len(metrics["bias_norms"]) == 4
+    processor = MultimodalProcessor.from_pretrained(tmp_path / "whole" / "model")
+    assert processor.slots("image", None) == 16 and "kv_bytes_per_token" not in metrics
 
 
 def test_dense_with_tied_embeddings_resumes_exactly_after_a_crash(inputs, tmp_path):
