@@ -28,6 +28,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -161,6 +162,7 @@ def mel(hz):
     return 2595 * np.log10(1 + np.asarray(hz) / 700)
 
 
+@lru_cache
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> torch.Tensor:
     """(n_mels, n_fft/2 + 1): triangles with peaks equally spaced in mel from 0 to the Nyquist frequency, each
     rising from its left neighbour's peak and falling to its right one's (the HTK filterbank, unnormalized)."""
@@ -178,10 +180,10 @@ class AudioEncoder(nn.Module):
 
     def __init__(self, config: MultimodalConfig):
         super().__init__()
-        self.n_fft, self.hop = config.n_fft, config.hop_length
-        # A buffer outside the state dict: computed from the config, so checkpoints need not carry it.
-        self.register_buffer("filterbank", mel_filterbank(config.n_fft, config.n_mels, config.sample_rate),
-                             persistent=False)
+        # The filterbank is looked up per call, not held in a buffer, which from_pretrained could leave on the meta
+        # device (uninitialized memory) since no checkpoint carries it.
+        self.n_fft, self.hop, self.n_mels, self.sample_rate = (config.n_fft, config.hop_length, config.n_mels,
+                                                               config.sample_rate)
         c = config.audio_channels
         self.conv1 = nn.Conv2d(1, c, 3, stride=2, padding=1)
         self.conv2 = nn.Conv2d(c, c, 3, stride=2, padding=1)
@@ -193,7 +195,8 @@ class AudioEncoder(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:  # (N, L) -> (N, T', D)
         # log1p keeps silence at 0 and compresses the 20 dB between quiet and loud clips into a few units.
-        spec = torch.einsum("mf,nft->nmt", self.filterbank, spectrogram(wave, self.n_fft, self.hop)).log1p()
+        filterbank = mel_filterbank(self.n_fft, self.n_mels, self.sample_rate).to(wave.device)
+        spec = torch.einsum("mf,nft->nmt", filterbank, spectrogram(wave, self.n_fft, self.hop)).log1p()
         x = F.gelu(self.conv2(F.gelu(self.conv1(spec[:, None].to(self.proj.weight.dtype)))))  # (N, c, M', T')
         z = self.proj(x.permute(0, 3, 1, 2).flatten(2)) + self.pooled_proj(x.amax(2).transpose(1, 2))  # (N, T', D)
         t = torch.arange(z.shape[1], device=z.device)[None]

@@ -214,8 +214,9 @@ def test_save_load_through_auto_classes(setup, tmp_path, tokenizer):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is MultimodalForCausalLM
-    batch = processor([mm.example_text(tokenizer, "video", "caption", answer="A red cross moving up.")],
-                      videos=[mm.sample("train", 2)["media"]])
+    samples = [mm.sample("train", i) for i in range(3)]  # every encoder: image, audio, video
+    texts = [mm.example_text(tokenizer, s["modality"], "caption", answer=s["caption"]) for s in samples]
+    batch = processor(texts, **mm.media_lists(samples))
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
 
