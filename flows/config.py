@@ -12,11 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tasks.critique_revise import CritiqueReviseConfig
 from tasks.evaluate import EvaluateConfig
+from tasks.evaluate_multimodal import MultimodalEvalConfig
 from tasks.label_preferences import LabelConfig
 from tasks.pretrain import PretrainConfig
 from tasks.reward_model import RewardConfig
 from tasks.rl import RLConfig
 from tasks.sft import FinetuneConfig
+from tasks.sft_multimodal import MultimodalSFTConfig
 from tasks.sl_cai import SLCAIConfig
 from tasks.store import InputError
 from tasks.tokenizer import TokenizerConfig
@@ -41,6 +43,9 @@ class PipelineConfig(BaseModel):
     tokenizer: TokenizerConfig = TokenizerConfig()
     pretrain_dense: PretrainConfig = PretrainConfig(model="dense-tiny")
     pretrain_moe: PretrainConfig = PretrainConfig(model="moe-tiny")
+    pretrain_multimodal: PretrainConfig = PretrainConfig(model="multimodal-tiny", batch_size=32, max_steps=1200)
+    sft_multimodal: MultimodalSFTConfig = MultimodalSFTConfig()
+    evaluate_multimodal: MultimodalEvalConfig = MultimodalEvalConfig()
     sft: FinetuneConfig = FinetuneConfig()
     critique_revise: CritiqueReviseConfig = CritiqueReviseConfig()
     sl_cai: SLCAIConfig = SLCAIConfig()
@@ -48,6 +53,18 @@ class PipelineConfig(BaseModel):
     reward_model: RewardConfig = RewardConfig()
     rl: RLConfig = RLConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_override_field_by_field(cls, values):
+        """A preset or --set that names a section keeps the fields set above that it does not name (pretrain_moe's
+        model), rather than falling back to the step config's own defaults (which train dense-tiny)."""
+        if isinstance(values, dict):
+            for name, field in cls.model_fields.items():
+                given = values.get(name)
+                if isinstance(given, dict) and isinstance(field.default, BaseModel):
+                    values = {**values, name: {**field.default.model_dump(exclude_unset=True), **given}}
+        return values
 
     @model_validator(mode="after")
     def _seed_every_step(self):

@@ -5,11 +5,13 @@ from prefect import flow
 from flows.config import PipelineConfig
 from tasks.critique_revise import critique_revise_task
 from tasks.evaluate import evaluate_task
+from tasks.evaluate_multimodal import evaluate_multimodal_task
 from tasks.label_preferences import label_preferences_task
 from tasks.pretrain import pretrain_task
 from tasks.reward_model import reward_model_task
 from tasks.rl import rl_task
 from tasks.sft import sft_task
+from tasks.sft_multimodal import sft_multimodal_task
 from tasks.sl_cai import sl_cai_task
 from tasks.store import Store
 from tasks.tokenizer import read_corpus, tokenizer_task
@@ -19,6 +21,9 @@ STEP_GRAPH: dict[str, tuple[str, ...]] = {
     "tokenizer": (),
     "pretrain_dense": ("tokenizer",),
     "pretrain_moe": ("tokenizer",),
+    "pretrain_multimodal": ("tokenizer",),
+    "sft_multimodal": ("pretrain_multimodal",),
+    "evaluate_multimodal": ("sft_multimodal",),
     "sft": ("pretrain_dense",),
     "evaluate_sft": ("sft",),
     "critique_revise": ("sft",),
@@ -44,6 +49,9 @@ def needed(steps: list[str] | None) -> set[str]:
     return wanted
 
 
+MULTIMODAL = ("pretrain_multimodal", "sft_multimodal", "evaluate_multimodal")  # they render their data: no files
+
+
 def check_inputs(cfg: PipelineConfig, steps: list[str] | None) -> None:
     """Read every input file the chosen steps will read, so bad input fails (exit 2) before any work starts."""
     from constitutions.schema import load as load_constitution
@@ -53,7 +61,7 @@ def check_inputs(cfg: PipelineConfig, steps: list[str] | None) -> None:
     run = needed(steps)
     if "tokenizer" in run:
         read_corpus(cfg.world.dir / "corpus.txt")
-    if run - {"tokenizer", "pretrain_dense", "pretrain_moe"}:
+    if run - {"tokenizer", "pretrain_dense", "pretrain_moe", *MULTIMODAL}:
         try:
             check_world(cfg.world.dir)
         except (WorldFileError, FileNotFoundError) as e:
@@ -72,6 +80,10 @@ def pipeline(cfg: PipelineConfig, st: Store, steps: list[str] | None = None) -> 
     tokenizer = tokenizer_task(cfg.tokenizer, st, corpus) if "tokenizer" in run else None
     if "pretrain_moe" in run:
         pretrain_task("pretrain_moe", cfg.pretrain_moe, st, tokenizer, corpus)
+    multimodal = pretrain_task("pretrain_multimodal", cfg.pretrain_multimodal, st, tokenizer, corpus) if "pretrain_multimodal" in run else None
+    multimodal_sft = sft_multimodal_task(cfg.sft_multimodal, st, multimodal) if "sft_multimodal" in run else None
+    if "evaluate_multimodal" in run:
+        evaluate_multimodal_task(cfg.evaluate_multimodal, st, multimodal_sft)
     dense = pretrain_task("pretrain_dense", cfg.pretrain_dense, st, tokenizer, corpus) if "pretrain_dense" in run else None
     sft = sft_task(cfg.sft, st, dense, world) if "sft" in run else None
     if "evaluate_sft" in run:

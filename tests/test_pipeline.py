@@ -13,7 +13,8 @@ from flows.pipeline import STEP_GRAPH, pipeline
 from tasks.store import Store
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-BEFORE_CONSTITUTION = {"tokenizer", "pretrain_dense", "pretrain_moe", "sft", "evaluate_sft"}
+BEFORE_CONSTITUTION = {"tokenizer", "pretrain_dense", "pretrain_moe", "sft", "evaluate_sft", "pretrain_multimodal",
+                       "sft_multimodal", "evaluate_multimodal"}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,9 @@ def test_every_step_runs_and_reports_metrics(first_run):
     assert steps["reward_model"]["metrics"]["heldout_pairs"] > 0
     assert steps["rl"]["metrics"]["steps"] == 2
     assert "heldout_entity/compliance" in steps["evaluate_rl"]["metrics"]
+    assert len(steps["pretrain_multimodal"]["metrics"]["expert_loads"]) == 4  # router loads of its 4 MoE layers
+    assert steps["sft_multimodal"]["metrics"]["steps"] == 4
+    assert {"heldout/image", "heldout/audio", "heldout/video"} <= set(steps["evaluate_multimodal"]["metrics"])
 
 
 def test_editing_one_principle_reruns_critique_revise_and_after_only(first_run):
