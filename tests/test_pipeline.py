@@ -86,3 +86,9 @@ def test_run_refuses_a_malformed_constitution_before_any_step(tmp_path):
 def test_every_preset_loads():
     for preset in sorted(Path(ROOT / "configs").glob("*.yaml")):
         load_config(str(preset))
+
+
+def test_a_section_override_keeps_the_sections_other_defaults():
+    cfg = load_config("smoke", ["pretrain_multimodal.lr=0.001"])
+    assert cfg.pretrain_moe.model == "moe-tiny" and cfg.pretrain_moe.max_steps == 10  # smoke names its max_steps
+    assert (cfg.pretrain_multimodal.model, cfg.pretrain_multimodal.lr) == ("multimodal-tiny", 0.001)
