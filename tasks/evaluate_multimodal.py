@@ -41,7 +41,7 @@ def evaluate_multimodal(cfg: MultimodalEvalConfig, model_dir: Path, out_dir: Pat
     for split, n in (("heldout", cfg.heldout_samples), ("train", cfg.train_samples)):
         if not n:
             continue
-        records = generated_answers(model, processor, split, n=n, max_new_tokens=cfg.max_new_tokens)
+        records = generated_answers(model, processor, split, n=n, batch_size=64, max_new_tokens=cfg.max_new_tokens)
         answers += [{"split": split, **r} for r in records]
         metrics.update({f"{split}/{m}": round(a, 4) for m, a in accuracy_by_modality(records).items()})
         if split == "heldout":

@@ -1,6 +1,8 @@
 """The multimodal tiny world and backbone: rendering, held-out combinations, token arithmetic, the encoders against
 their textbook formulations, the softmax-routed MoE, the processor's stream, save/load and generate()."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -48,10 +50,16 @@ def test_heldout_combinations_never_appear_in_training():
         assert all((c[a], c[b]) in pairs for c in heldout)
         for name, values in mm.ATTRIBUTES[modality].items():  # every value is still taught
             assert {c[name] for c in train} == set(values)
-    seen = {(s["modality"], tuple(s["attributes"].values())) for s in (mm.sample("train", i) for i in range(600))}
-    for modality, (a, b, pairs) in mm.HELDOUT_PAIRS.items():
-        names = list(mm.ATTRIBUTES[modality])
-        assert not any(m == modality and (v[names.index(a)], v[names.index(b)]) in pairs for m, v in seen)
+    trained = [mm.training_sample(i) for i in range(600)]  # what pretraining and sft see
+    for s in trained:
+        a, b, pairs = mm.HELDOUT_PAIRS[s["modality"]]
+        assert (s["attributes"][a], s["attributes"].get(b)) not in pairs
+    isolated = [s for s in trained if len(s["attributes"]) < len(mm.ATTRIBUTES[s["modality"]])]
+    assert 0.2 < len(isolated) / len(trained) < 0.4
+    for s in isolated:  # the partner is neutral: never named in a question, an answer or the caption
+        partner = mm.HELDOUT_PAIRS[s["modality"]][1]
+        assert partner not in s["attributes"] and not any(q == mm.QUESTIONS[partner] for q, _ in s["qa"])
+        assert not any(re.search(rf"\b{v}\b", s["caption"]) for v in mm.ATTRIBUTES[s["modality"]][partner])
 
 
 def test_image_shows_its_colour_where_it_says():
