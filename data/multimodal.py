@@ -283,8 +283,3 @@ def accuracy_by_modality(records: list[dict]) -> dict[str, float]:
     return {m: float(np.mean([r["right"] for r in records if r["modality"] == m]))
             for m in ATTRIBUTES if any(r["modality"] == m for r in records)}
 
-
-def attribute_accuracy(model, processor, split: str = "heldout", n: int = 60, seed: int = SEED,
-                       batch_size: int = 16, max_new_tokens: int = 8) -> dict[str, float]:
-    """{modality: fraction of attribute questions answered right} over the first n samples of `split`."""
-    return accuracy_by_modality(generated_answers(model, processor, split, n, seed, batch_size, max_new_tokens))
