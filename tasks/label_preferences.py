@@ -30,7 +30,7 @@ COT_ANSWER = "\nSo the better response is ("
 class LabelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompts: int = Field(700, ge=1, description="training prompts to label (red-team and benign, half each)")
+    prompts: int = Field(1600, ge=1, description="training prompts to label (red-team and benign, half each)")
     response_temperature: float = Field(1.0, gt=0, description="sampling temperature of the two responses")
     max_new_tokens: int = Field(96, ge=1)
     chain_of_thought: bool = False
@@ -94,6 +94,12 @@ def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: l
                                       temperature=cfg.response_temperature, seed=seed)
             second = answerer.generate(texts, max_new_tokens=cfg.max_new_tokens,
                                        temperature=cfg.response_temperature, seed=seed + 1)
+            # Two identical responses hold no preference: judging them only teaches the reward model noise.
+            distinct = [i for i, (a, b) in enumerate(zip(first, second)) if a != b]
+            batch, texts = [batch[i] for i in distinct], [texts[i] for i in distinct]
+            first, second = [first[i] for i in distinct], [second[i] for i in distinct]
+            if not batch:
+                return []
             principles = [rng.choice(constitution.preference) for _ in batch]
             a_first = judge_order([comparison_prompt(t, a, b, pr.text)
                                    for t, a, b, pr in zip(texts, first, second, principles)], seed + 2)
@@ -114,9 +120,9 @@ def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: l
     flips = sum((r["p_a_shown_first"] > 0.5) != (r["p_a_shown_second"] > 0.5) for r in records)
     return {
         "pairs": len(records),
+        "identical_pairs_dropped": len(chosen) - len(records),
         "mean_p_a": round(sum(r["p_a"] for r in records) / n, 4),
         "order_disagreement": round(flips / n, 4),  # how often the verdict changed with the order
-        "identical_pairs": sum(r["response_a"] == r["response_b"] for r in records),
     }
 
 
