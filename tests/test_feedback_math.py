@@ -127,5 +127,13 @@ def test_labels_average_both_orders_and_skip_identical_pairs(tmp_path, monkeypat
     for r in records:  # A = "x": 0.9 shown first, 1 - 0.3 shown second, 0.8 averaged; A = "y": the mirror image
         expected = (0.9, 0.7, 0.8) if r["response_a"].startswith("x") else (0.3, 0.1, 0.2)
         assert (r["p_a_shown_first"], r["p_a_shown_second"], r["p_a"]) == pytest.approx(expected)
-    assert {r["response_a"][0] for r in records} == {"x", "y"}
+        assert {r["response_a"][0], r["response_b"][0]} == {"x", "y"}  # the two samples that differ are compared
     assert metrics["order_disagreement"] == 0.0
+
+
+def test_the_two_least_alike_samples_are_compared():
+    from tasks.label_preferences import least_alike, word_jaccard
+
+    assert word_jaccard("the cat sat", "the cat ran") == pytest.approx(2 / 4)
+    samples = ["Mel's colour is brown.", "Mel's colour is brown!", "I can't share that.", "Mel's colour is brown."]
+    assert least_alike(samples) == ("Mel's colour is brown.", "I can't share that.")
