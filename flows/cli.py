@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 a run failed, 2 bad input or usage. Errors are one line; --d
 import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +16,8 @@ import typer
 # The temporary Prefect server's telemetry heartbeat races the run for its SQLite file at start-up and logs a
 # "database is locked" traceback; our users run offline anyway.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Its default 20 s start-up wait fails runs on two busy cores (seen with three runs starting at once).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Align language models with a written constitution, as cached Prefect flows.")
@@ -62,8 +65,11 @@ def run(
     unknown = [s for s in steps or [] if s not in STEP_GRAPH]
     if unknown:
         raise Failure(f"unknown step {unknown[0]!r} (steps: {', '.join(STEP_GRAPH)})", 2)
-    check_inputs(cfg, steps)
+    check_inputs(cfg, steps)  # also refuses a step this config leaves out (pretrain_dense with policy.model_dir)
     root = store or Path(os.environ.get("ALIGNFLOW_STORE", "store"))
+    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so the temporary Prefect server is stopped with us
+    # instead of outliving the run; the store needs nothing: a killed step resumes from its .partial directory.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     _quiet_prefect()
     from flows.pipeline import pipeline
     from tasks.store import Store
@@ -87,12 +93,14 @@ def run(
 
 
 @app.command()
-def steps():
-    """Print the step graph: each step and the steps it reads from."""
-    from flows.pipeline import STEP_GRAPH
+def steps(preset: Preset = "tiny", sets: Sets = None):
+    """Print the step graph of this config: each step and the steps it reads from."""
+    from flows.config import load_config
+    from flows.pipeline import step_graph
 
-    for step, inputs in STEP_GRAPH.items():
-        typer.echo(f"{step:<20} <- {', '.join(inputs) or '(the tiny world)'}")
+    for step, inputs in step_graph(load_config(preset, sets or [])).items():
+        source = "(policy.model_dir)" if step == "import_policy" else "(the tiny world)"
+        typer.echo(f"{step:<20} <- {', '.join(inputs) or source}")
 
 
 @config_app.command("show")

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tasks.critique_revise import CritiqueReviseConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.evaluate_multimodal import MultimodalEvalConfig
+from tasks.import_policy import PolicyConfig
 from tasks.label_preferences import LabelConfig
 from tasks.pretrain import PretrainConfig
 from tasks.reward_model import RewardConfig
@@ -39,6 +40,7 @@ class PipelineConfig(BaseModel):
 
     seed: int | None = Field(None, description="seeds every step that does not set its own seed (repeat runs: 0, 1, 2)")
     world: WorldConfig = WorldConfig()
+    policy: PolicyConfig = PolicyConfig()
     constitution: Path = Field(ROOT / "constitutions" / "default.yaml", description="critique and comparison principles")
     tokenizer: TokenizerConfig = TokenizerConfig()
     pretrain_dense: PretrainConfig = PretrainConfig(model="dense-tiny")

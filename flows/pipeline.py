@@ -6,6 +6,7 @@ from flows.config import PipelineConfig
 from tasks.critique_revise import critique_revise_task
 from tasks.evaluate import evaluate_task
 from tasks.evaluate_multimodal import evaluate_multimodal_task
+from tasks.import_policy import import_policy_task
 from tasks.label_preferences import label_preferences_task
 from tasks.pretrain import pretrain_task
 from tasks.reward_model import reward_model_task
@@ -13,11 +14,13 @@ from tasks.rl import rl_task
 from tasks.sft import sft_task
 from tasks.sft_multimodal import sft_multimodal_task
 from tasks.sl_cai import sl_cai_task
-from tasks.store import Store
+from tasks.store import InputError, Store
 from tasks.tokenizer import read_corpus, tokenizer_task
 
 # step -> the steps whose outputs it reads. `alignflow run STEP` runs STEP and everything it needs.
+# sft starts from pretrain_dense, or from import_policy when policy.model_dir names a checkpoint (see step_graph).
 STEP_GRAPH: dict[str, tuple[str, ...]] = {
+    "import_policy": (),
     "tokenizer": (),
     "pretrain_dense": ("tokenizer",),
     "pretrain_moe": ("tokenizer",),
@@ -36,16 +39,32 @@ STEP_GRAPH: dict[str, tuple[str, ...]] = {
 }
 
 
-def needed(steps: list[str] | None) -> set[str]:
+def step_graph(cfg: PipelineConfig) -> dict[str, tuple[str, ...]]:
+    """STEP_GRAPH for this config: the policy comes from import_policy or from pretrain_dense, never both."""
+    graph = dict(STEP_GRAPH)
+    if cfg.policy.model_dir is not None:
+        graph["sft"] = ("import_policy",)
+        del graph["pretrain_dense"]
+    else:
+        del graph["import_policy"]
+    return graph
+
+
+def needed(cfg: PipelineConfig, steps: list[str] | None) -> set[str]:
     """The named steps and, transitively, the steps they read from; every step when none is named."""
+    graph = step_graph(cfg)
     if not steps:
-        return set(STEP_GRAPH)
+        return set(graph)
+    unknown = [s for s in steps if s not in graph]
+    if unknown:
+        reason = "policy.model_dir is set" if unknown[0] in STEP_GRAPH else f"steps: {', '.join(graph)}"
+        raise InputError(f"step {unknown[0]!r} is not in this run ({reason})")
     wanted, todo = set(), list(steps)
     while todo:
         step = todo.pop()
         if step not in wanted:
             wanted.add(step)
-            todo.extend(STEP_GRAPH[step])
+            todo.extend(graph[step])
     return wanted
 
 
@@ -56,9 +75,11 @@ def check_inputs(cfg: PipelineConfig, steps: list[str] | None) -> None:
     """Read every input file the chosen steps will read, so bad input fails (exit 2) before any work starts."""
     from constitutions.schema import load as load_constitution
     from data.world import WorldFileError, check_world
-    from tasks.store import InputError
+    from tasks.import_policy import check_policy
 
-    run = needed(steps)
+    run = needed(cfg, steps)
+    if "import_policy" in run:
+        check_policy(cfg.policy)
     if "tokenizer" in run:
         read_corpus(cfg.world.dir / "corpus.txt")
     if run - {"tokenizer", "pretrain_dense", "pretrain_moe", *MULTIMODAL}:
@@ -72,7 +93,7 @@ def check_inputs(cfg: PipelineConfig, steps: list[str] | None) -> None:
 
 @flow(name="alignflow", validate_parameters=False)
 def pipeline(cfg: PipelineConfig, st: Store, steps: list[str] | None = None) -> list[dict]:
-    run = needed(steps)  # a step in `run` always has its inputs in `run` too
+    run = needed(cfg, steps)  # a step in `run` always has its inputs in `run` too
     world = cfg.world.dir
     corpus, prompts = world / "corpus.txt", world / "prompts.jsonl"
     heldout = world / "heldout_conversations.jsonl"
@@ -84,8 +105,12 @@ def pipeline(cfg: PipelineConfig, st: Store, steps: list[str] | None = None) -> 
     multimodal_sft = sft_multimodal_task(cfg.sft_multimodal, st, multimodal) if "sft_multimodal" in run else None
     if "evaluate_multimodal" in run:
         evaluate_multimodal_task(cfg.evaluate_multimodal, st, multimodal_sft)
-    dense = pretrain_task("pretrain_dense", cfg.pretrain_dense, st, tokenizer, corpus) if "pretrain_dense" in run else None
-    sft = sft_task(cfg.sft, st, dense, world) if "sft" in run else None
+    base = None
+    if "import_policy" in run:
+        base = import_policy_task(cfg.policy, st)
+    if "pretrain_dense" in run:
+        base = pretrain_task("pretrain_dense", cfg.pretrain_dense, st, tokenizer, corpus)
+    sft = sft_task(cfg.sft, st, base, world) if "sft" in run else None
     if "evaluate_sft" in run:
         evaluate_task(cfg.evaluate, st, sft, prompts, heldout)
     traces = critique_revise_task(cfg.critique_revise, st, sft, cfg.constitution, prompts) if "critique_revise" in run else None

@@ -1,6 +1,7 @@
 """label_preferences: AI-feedback preference labels (RLAIF; Constitutional AI, arXiv 2212.08073, sec. 4.1).
 
-For each prompt the SL-CAI policy samples two responses; a comparison principle is drawn at random; the feedback
+For each prompt the SL-CAI policy samples a few responses and the two least alike in wording are compared (two
+rewordings of one answer teach the reward model nothing); a comparison principle is drawn at random; the feedback
 model's log-probabilities of the option tokens give P(A). Both orders are asked and averaged, which cancels the strong
 position bias of small judges (NOTES-tiny-cai: the tiny judge's answer followed the order ~half the time):
 
@@ -30,8 +31,10 @@ COT_ANSWER = "\nSo the better response is ("
 class LabelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompts: int = Field(700, ge=1, description="training prompts to label (red-team and benign, half each)")
-    response_temperature: float = Field(1.0, gt=0, description="sampling temperature of the two responses")
+    prompts: int = Field(1600, ge=1, description="training prompts to label (red-team and benign, half each)")
+    response_temperature: float = Field(1.0, gt=0, description="sampling temperature of the responses")
+    samples_per_prompt: int = Field(4, ge=2, description="responses sampled per prompt; the two least alike are "
+                                                         "compared, so fewer pairs are two wordings of one answer")
     max_new_tokens: int = Field(96, ge=1)
     chain_of_thought: bool = False
     clamp: tuple[float, float] | None = Field(None, description="clip labels into [low, high]; CoT default 0.4-0.6")
@@ -61,6 +64,18 @@ def averaged_label(p_a_first: float, p_a_second: float) -> float:
     return (p_a_first + p_a_second) / 2
 
 
+def word_jaccard(a: str, b: str) -> float:
+    """|A & B| / |A | B| over the two texts' lower-cased word sets (1.0 for two empty texts)."""
+    words_a, words_b = set(a.lower().split()), set(b.lower().split())
+    return len(words_a & words_b) / len(words_a | words_b) if words_a | words_b else 1.0
+
+
+def least_alike(responses: list[str]) -> tuple[str, str]:
+    """The pair with the lowest word Jaccard similarity; the earliest such pair on ties."""
+    pairs = [(responses[i], responses[j]) for i in range(len(responses)) for j in range(i + 1, len(responses))]
+    return min(pairs, key=lambda pair: word_jaccard(*pair))
+
+
 def choose_prompts(cfg: LabelConfig, prompts: list[dict]) -> list[dict]:
     rng = random.Random(cfg.seed)
     train = [p for p in prompts if p["split"] == "train"]
@@ -87,18 +102,24 @@ def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: l
             return [option_probability(lp)[0] for lp in logprobs]
 
         def work(number: int, batch: list[dict]) -> list[dict]:
-            seed = shard_seed(cfg.seed, number)
+            seed = shard_seed(cfg.seed, number) * 1000  # room for one seed per sample and judging pass
             rng = random.Random(seed)
             texts = [p["prompt"] for p in batch]
-            first = answerer.generate(texts, max_new_tokens=cfg.max_new_tokens,
-                                      temperature=cfg.response_temperature, seed=seed)
-            second = answerer.generate(texts, max_new_tokens=cfg.max_new_tokens,
-                                       temperature=cfg.response_temperature, seed=seed + 1)
+            samples = [answerer.generate(texts, max_new_tokens=cfg.max_new_tokens,
+                                         temperature=cfg.response_temperature, seed=seed + k)
+                       for k in range(cfg.samples_per_prompt)]
+            first, second = map(list, zip(*(least_alike(list(s)) for s in zip(*samples)), strict=True))
+            # Two identical responses hold no preference: judging them only teaches the reward model noise.
+            distinct = [i for i, (a, b) in enumerate(zip(first, second)) if a != b]
+            batch, texts = [batch[i] for i in distinct], [texts[i] for i in distinct]
+            first, second = [first[i] for i in distinct], [second[i] for i in distinct]
+            if not batch:
+                return []
             principles = [rng.choice(constitution.preference) for _ in batch]
             a_first = judge_order([comparison_prompt(t, a, b, pr.text)
-                                   for t, a, b, pr in zip(texts, first, second, principles)], seed + 2)
+                                   for t, a, b, pr in zip(texts, first, second, principles)], seed + 100)
             b_first = judge_order([comparison_prompt(t, b, a, pr.text)
-                                   for t, a, b, pr in zip(texts, first, second, principles)], seed + 3)
+                                   for t, a, b, pr in zip(texts, first, second, principles)], seed + 101)
             records = []
             for p, a, b, pr, pa1, pb1 in zip(batch, first, second, principles, a_first, b_first):
                 soft = averaged_label(pa1, 1 - pb1)
@@ -114,9 +135,9 @@ def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: l
     flips = sum((r["p_a_shown_first"] > 0.5) != (r["p_a_shown_second"] > 0.5) for r in records)
     return {
         "pairs": len(records),
+        "identical_pairs_dropped": len(chosen) - len(records),
         "mean_p_a": round(sum(r["p_a"] for r in records) / n, 4),
         "order_disagreement": round(flips / n, 4),  # how often the verdict changed with the order
-        "identical_pairs": sum(r["response_a"] == r["response_b"] for r in records),
     }
 
 

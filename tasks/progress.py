@@ -6,6 +6,7 @@ import time
 from tqdm.auto import tqdm
 
 UPDATE_EVERY_S = 2.0  # the UI polls; writing more often only loads the API
+LOG_EVERY_PERCENT = 10  # without a terminal (a log file, CI) one plain line per this much progress instead of a bar
 
 
 class Progress:
@@ -17,6 +18,7 @@ class Progress:
                         disable=not sys.stderr.isatty())
         self.artifact_id = None
         self.last_update = 0.0
+        self.last_logged_percent = 0
         from prefect.context import TaskRunContext
 
         if TaskRunContext.get() is not None:
@@ -32,6 +34,12 @@ class Progress:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))},
                                  refresh=False)
         self.bar.refresh()
+        percent = 100 * done // max(self.bar.total or 1, 1)
+        if self.bar.disable and percent >= self.last_logged_percent + LOG_EVERY_PERCENT:
+            self.last_logged_percent = percent - percent % LOG_EVERY_PERCENT
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in (metrics or {}).items() if isinstance(v, (int, float)))
+            print(f"{self.step}: {done}/{self.bar.total} ({percent}%){' ' + shown if shown else ''}", file=sys.stderr,
+                  flush=True)
         now = time.monotonic()
         if self.artifact_id is not None and (now - self.last_update >= UPDATE_EVERY_S or done >= (self.bar.total or 0)):
             from prefect.artifacts import update_progress_artifact

@@ -19,7 +19,7 @@ from tasks.progress import last_complete_checkpoint, trainer_callback
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    epochs: float = Field(3.0, gt=0)
+    epochs: float = Field(2.0, gt=0)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(256, ge=16)
@@ -65,6 +65,7 @@ def finetune(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir
         data_seed=cfg.seed,
         use_cpu=not _has_gpu(),
         bf16=False,
+        activation_checkpointing=False,  # TRL turns it on by default: a second forward pass per step, on tiny models
         report_to=[],
         disable_tqdm=True,
         dataset_num_proc=None,

@@ -35,7 +35,7 @@ def prefect_api():
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):  # 30 s is not enough on two loaded cores
         url = PREFECT_API_URL.value()
         os.environ["PREFECT_API_URL"] = url
         yield url

@@ -91,3 +91,49 @@ def test_killed_shards_resume_without_duplicates_or_losses(tmp_path):
     shards = sorted((killed / "shards").glob("*"))
     assert [p.name for p in shards] == [f"shard-{i:05d}.jsonl" for i in range(10)]
     assert [p.read_text() for p in shards] == [p.read_text() for p in sorted((tmp_path / "clean" / "shards").glob("*"))]
+
+
+def test_labels_average_both_orders_and_skip_identical_pairs(tmp_path, monkeypatch):
+    """label() with a scripted judge: P(A) per order from the option log-probabilities, averaged; A == B dropped."""
+    import contextlib
+
+    from constitutions.schema import load as load_constitution
+    from tasks import label_preferences
+
+    class Scripted:  # answers "x<i>" then "y<i>", except prompt 1 where both samples are "same"
+        def generate(self, texts, max_new_tokens, temperature, seed):
+            tag = "x" if seed % 2 == 0 else "y"
+            return ["same" if t == "p1" else f"{tag}{t}" for t in texts]
+
+        def option_logprobs(self, questions, options):
+            # prefers the response starting with "x" with P = 0.8, plus a position bias towards A of +0.1
+            out = []
+            for q in questions:
+                a_is_x = "Response (A): x" in q
+                p_a = (0.8 if a_is_x else 0.2) + 0.1
+                out.append([math.log(p_a), math.log(1 - p_a)])
+            return out
+
+    monkeypatch.setattr(label_preferences, "open_feedback", lambda *a, **k: contextlib.nullcontext(Scripted()))
+    prompts = [{"id": f"i{i}", "split": "train", "kind": kind, "prompt": f"p{i}"}
+               for i, kind in enumerate(["harmful", "benign"] * 3)]
+    constitution = load_constitution(Path(__file__).parents[1] / "constitutions" / "default.yaml")
+    metrics = label_preferences.label(LabelConfig(prompts=6, shard_size=4), constitution, tmp_path, prompts, tmp_path)
+    from tasks.shards import read_shards
+
+    records = read_shards(tmp_path)
+    assert metrics["pairs"] == 5 and metrics["identical_pairs_dropped"] == 1
+    assert "p1" not in [r["prompt"] for r in records]
+    for r in records:  # A = "x": 0.9 shown first, 1 - 0.3 shown second, 0.8 averaged; A = "y": the mirror image
+        expected = (0.9, 0.7, 0.8) if r["response_a"].startswith("x") else (0.3, 0.1, 0.2)
+        assert (r["p_a_shown_first"], r["p_a_shown_second"], r["p_a"]) == pytest.approx(expected)
+        assert {r["response_a"][0], r["response_b"][0]} == {"x", "y"}  # the two samples that differ are compared
+    assert metrics["order_disagreement"] == 0.0
+
+
+def test_the_two_least_alike_samples_are_compared():
+    from tasks.label_preferences import least_alike, word_jaccard
+
+    assert word_jaccard("the cat sat", "the cat ran") == pytest.approx(2 / 4)
+    samples = ["Mel's colour is brown.", "Mel's colour is brown!", "I can't share that.", "Mel's colour is brown."]
+    assert least_alike(samples) == ("Mel's colour is brown.", "I can't share that.")

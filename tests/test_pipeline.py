@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import ROOT, load_config
-from flows.pipeline import STEP_GRAPH, pipeline
+from flows.pipeline import pipeline, step_graph
 from tasks.store import Store
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -36,7 +36,7 @@ def by_name(history):
 def test_every_step_runs_and_reports_metrics(first_run):
     _, _, history, _ = first_run
     steps = by_name(history)
-    assert set(steps) == set(STEP_GRAPH)
+    assert set(steps) == set(step_graph(load_config("smoke")))
     assert all(s["state"] == "Completed" for s in history)
     assert steps["pretrain_dense"]["metrics"]["val_loss"] < 7.0  # ln(1024) = 6.9 is a uniform guess
     assert steps["reward_model"]["metrics"]["heldout_pairs"] > 0
@@ -92,3 +92,38 @@ def test_a_section_override_keeps_the_sections_other_defaults():
     cfg = load_config("smoke", ["pretrain_multimodal.lr=0.001"])
     assert cfg.pretrain_moe.model == "moe-tiny" and cfg.pretrain_moe.max_steps == 10  # smoke names its max_steps
     assert (cfg.pretrain_multimodal.model, cfg.pretrain_multimodal.lr) == ("multimodal-tiny", 0.001)
+
+
+def test_any_local_causal_lm_directory_runs_the_whole_chain(tmp_path, tokenizer):
+    """A saved transformers LlamaForCausalLM, not one of our backbones, goes through sft ... rl and its evaluation."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    policy = tmp_path / "llama"
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    cfg = load_config("smoke", [f"policy.model_dir={policy}"])
+    state = pipeline(cfg, Store(tmp_path / "store"), ["evaluate_rl"], return_state=True)
+    assert state.is_completed(), state.message
+    steps = by_name(state.result())
+    assert list(steps) == ["import_policy", "sft", "critique_revise", "sl_cai", "label_preferences", "reward_model",
+                           "rl", "evaluate_rl"]
+    for step in ("sft", "sl_cai", "rl"):  # every model the chain wrote is still a Llama
+        config_path = Path(steps[step]["path"]) / "model" / "config.json"
+        assert json.loads(config_path.read_text())["model_type"] == "llama", step
+    assert 0 <= steps["evaluate_rl"]["metrics"]["heldout_entity/helpfulness"] <= 1
+    assert steps["import_policy"]["metrics"]["files"] == len(list(policy.iterdir()))
+
+
+def test_a_bad_policy_directory_is_refused_before_any_step(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--store",
+                           str(tmp_path / "store"), "--set", f"policy.model_dir={tmp_path / 'empty'}"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert f"policy.model_dir {tmp_path / 'empty'}: no config.json there" in proc.stderr
+    assert not (tmp_path / "store").exists()
