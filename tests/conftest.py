@@ -29,6 +29,17 @@ def tokenizer():
     return train_tokenizer(TokenizerConfig(vocab_size=400, min_frequency=1), SMALL_TEXT)
 
 
+@pytest.fixture
+def one_thread():
+    """Two cores shared by several processes: a second thread per process spins and makes a step ~10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """One Prefect test server for the whole session (each harness costs ~11 s), exported to subprocesses."""

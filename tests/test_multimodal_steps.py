@@ -12,13 +12,7 @@ from models.multimodal import MultimodalConfig, MultimodalForCausalLM, Multimoda
 from tasks.evaluate_multimodal import MultimodalEvalConfig, evaluate_multimodal
 from tasks.sft_multimodal import MultimodalSFTConfig, finetune_multimodal
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

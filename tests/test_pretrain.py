@@ -30,13 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"seq_len": 32, "batch_size": 4, "warmup_steps": 1, "lr": 3e-3, "log_every": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by several processes: a second thread per process spins and makes a step ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
