@@ -49,12 +49,39 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return groups.reshape(*lead, D).to(dtype)
 
 
-class Int8Layer(CacheLayerMixin):
+class StoredTensorsLayer(CacheLayerMixin):
+    """A cache layer whose state is a few tensors of shape (batch, heads, positions, ...), named by STORED: a beam
+    reorder, a batch expansion or selection applies to all of them alike, and their bytes are the layer's."""
+
+    STORED: tuple[str, ...] = ()
+
+    def _apply(self, fn) -> None:
+        if self.keys is not None:
+            for name in self.STORED:
+                setattr(self, name, fn(getattr(self, name)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices])
+
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self.STORED)
+
+
+class Int8Layer(StoredTensorsLayer):
     """One layer's keys and values as int8 plus float32 scales, appended token by token: a token's scales depend on
     that token only, so nothing is ever re-quantized (unlike KIVI's per-channel keys, arXiv 2402.02750, which need a
     full-precision residual window). Each update returns the dequantized keys and values of all tokens, the new ones
     included, so attention sees exactly what later steps will see."""
 
+    STORED = ("keys", "values", "key_scales", "value_scales")
     is_croppable = True
 
     def __init__(self, group_size: int | None = None):
@@ -95,11 +122,6 @@ class Int8Layer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def _apply(self, fn) -> None:
-        """The same selection on all four stored tensors (a crop, a beam reorder, a batch expansion)."""
-        if self.keys is not None:
-            self.keys, self.values = fn(self.keys), fn(self.values)
-            self.key_scales, self.value_scales = fn(self.key_scales), fn(self.value_scales)
 
     def reset(self) -> None:
         self.keys = self.values = self.key_scales = self.value_scales = None
@@ -109,19 +131,6 @@ class Int8Layer(CacheLayerMixin):
         if tokens_to_remove < 0:  # transformers' convention: a negative count of tokens to drop from the end
             self._apply(lambda t: t[..., :tokens_to_remove, :])
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply(lambda t: t[indices])
-
-    def nbytes(self) -> int:
-        if self.keys is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.key_scales, self.value_scales))
 
 
 class Int8Cache(Cache):
@@ -151,10 +160,12 @@ def select_kept(scores: torch.Tensor, budget: int, recent: int) -> torch.Tensor:
     return torch.cat([heavy, window], -1).sort(-1).values
 
 
-class SelectiveLayer(CacheLayerMixin):
+class SelectiveLayer(StoredTensorsLayer):
     """At most `budget` keys and values per head after each step, chosen by `select_kept`. Keeps the absolute
-    position of every stored key, since the stored index of a key no longer equals its position."""
+    position of every stored key, since the stored index of a key no longer equals its position. Its bytes count the
+    scores and positions too: 12 bytes per kept key per head."""
 
+    STORED = ("keys", "values", "scores", "positions")
     is_croppable = False
 
     def __init__(self, budget: int, recent: int):
@@ -216,25 +227,6 @@ class SelectiveLayer(CacheLayerMixin):
         self.keys = self.values = self.scores = self.positions = None
         self.cumulative_length, self.awaiting_observation, self.is_initialized = 0, False, False
 
-    def _apply(self, fn) -> None:
-        if self.keys is not None:
-            self.keys, self.values = fn(self.keys), fn(self.values)
-            self.scores, self.positions = fn(self.scores), fn(self.positions)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply(lambda t: t[indices])
-
-    def nbytes(self) -> int:
-        """Bytes of the stored keys and values; the scores and positions add 12 bytes per kept key per head."""
-        if self.keys is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.scores, self.positions))
 
 
 class SelectiveCache(Cache):
