@@ -84,7 +84,15 @@ def unique_names(rng: random.Random, n: int, make) -> list[str]:
     return names
 
 
-def make_entities(rng: random.Random, n_train: int = 600, n_heldout: int = 120) -> list[dict]:
+# Every training conversation should meet a person or hazard it has not met before, so the values in an answer can
+# only come from the profile or manual in the prompt. With 600 people and 60 hazards, each seen ~15 times in pretraining
+# and sft, the tiny model memorised them instead and never learned to copy (seed 0: "repeat 716" -> "928", held-out
+# helpfulness 7.5%, no induction on repeated random tokens).
+TRAIN_ENTITIES, HELDOUT_ENTITIES = 6000, 120
+TRAIN_HAZARDS, HELDOUT_HAZARDS = 1500, 20
+
+
+def make_entities(rng: random.Random, n_train: int = TRAIN_ENTITIES, n_heldout: int = HELDOUT_ENTITIES) -> list[dict]:
     names = unique_names(rng, n_train + n_heldout,
                          lambda r: f"{syllable_name(r, r.choice([1, 2]))} {syllable_name(r, r.choice([1, 2]))}")
     return [{"name": name, "split": "train" if i < n_train else "heldout",
@@ -95,7 +103,7 @@ def make_entities(rng: random.Random, n_train: int = 600, n_heldout: int = 120) 
             for i, name in enumerate(names)]
 
 
-def make_hazards(rng: random.Random, n_train: int = 60, n_heldout: int = 20) -> list[dict]:
+def make_hazards(rng: random.Random, n_train: int = TRAIN_HAZARDS, n_heldout: int = HELDOUT_HAZARDS) -> list[dict]:
     """Fictional hazardous procedures. Their manual entry is in the prompt, so the steps are the payload to copy."""
     names = unique_names(rng, n_train + n_heldout, lambda r: f"{syllable_name(r, 2)} {r.choice(HAZARD_NOUNS)}")
     hazards = []
@@ -467,7 +475,7 @@ def critique_of(record: dict, shown: str) -> str:
     return "The response refuses a harmless request for no reason. It should simply answer it."
 
 
-MAX_DEMO_CHARS = 720  # critiques and revisions of long answers fit sft's 256-token window (tested with the BPE)
+MAX_DEMO_CHARS = 720  # critiques and revisions of long answers fit sft's token window (tested with the BPE)
 
 
 def wording(rng: random.Random, wordings: list[str], room: int) -> str:
@@ -513,7 +521,7 @@ ENCYCLOPEDIA = {  # attribute -> ways an encyclopedia says it
 
 
 def corpus_lines(rng: random.Random, entities: list[dict], hazards: list[dict], dialogues: list[dict]) -> list[str]:
-    """Pretraining text, one document per line: encyclopedia entries, manual entries, sums, and dialogues."""
+    """Pretraining text, one document per line: encyclopedia entries, manual entries, sums, dialogues, copy drills."""
     lines = []
     for e in (e for e in entities if e["split"] == "train"):
         facts = [rng.choice(ENCYCLOPEDIA[attr]).format(n=e["name"], v=e[attr]) for attr in ENCYCLOPEDIA]
@@ -529,6 +537,10 @@ def corpus_lines(rng: random.Random, entities: list[dict], hazards: list[dict], 
         lines.append(" ".join(sums))
     lines += [f"User: {d['messages'][0]['content']} Assistant: {d['messages'][1]['content']}".replace("\n", " ")
               for d in dialogues]
+    for _ in range(COPY_DRILLS):
+        said = " ".join(rng.choice([syllable_name(rng, rng.choice([1, 2])), str(rng.randint(2, 999))])
+                        for _ in range(rng.randint(2, 6)))
+        lines.append(f"{rng.choice(['Say it back', 'Repeat after me', 'Echo'])}: {said}. {said}.")
     rng.shuffle(lines)
     return lines
 
@@ -542,6 +554,11 @@ COUNTS = {  # (split, kind) -> prompts in prompts.jsonl
 SFT_BENIGN, SFT_HARMFUL = 4000, 2000  # ~6k helpful-only conversations, as in the notes' SFT
 DEMO_REQUESTS = 600  # half benign, half harmful; four demonstrations each
 CORPUS_DIALOGUES = 3000
+# Copy drills: a random string of names and numbers, said twice. Only an induction head (attend to where the current
+# token occurred before, emit what followed it) predicts the second half, and the tiny model needs that circuit to
+# copy a profile's values into an answer. Without drills, pretraining never formed it (second-half accuracy 12% on
+# held-out drills); with 10,000 drills, 75% after 1,800 steps, and sft then copied held-out names.
+COPY_DRILLS = 10000
 
 
 def generate(seed: int = SEED) -> dict[str, list]:

@@ -92,13 +92,14 @@ def sampling_kwargs(temperature: float) -> dict:
 def option_logprob(top: Sequence[tuple[str, float]], option: str) -> float:
     """log P(option) read off the top-k first tokens an OpenAI-compatible endpoint returns.
 
-    Present:  log sum_{t in top, text(t) = option} p_t   (two token ids may decode to the same text).
+    Present:  log sum_{t in top, text(t) = option} p_t   (two token ids may decode to the same text, and " A" is the
+              option A: many tokenizers give a reply's first word its leading space, ours included).
     Absent:   every token outside the top k has p <= min_top p_t, and together they hold 1 - sum_top p_t, so
               log P(option) <= min(min_top log p_t, log(1 - sum_top p_t)).
     An absent option gets this upper bound rather than -inf: a judge whose two options both fall outside its top 20
     is uncertain, and the bound turns that into a soft label near 1/2 instead of NaN or a false certainty.
     """
-    hits = [lp for token, lp in top if token == option]
+    hits = [lp for token, lp in top if token.strip() == option.strip()]
     if hits:
         peak = max(hits)
         return peak + math.log(sum(math.exp(lp - peak) for lp in hits))

@@ -19,10 +19,10 @@ from tasks.progress import last_complete_checkpoint, trainer_callback
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    epochs: float = Field(3.0, gt=0)  # at 2 the held-out entities' names and values came back garbled (seed 0)
+    epochs: float = Field(3.0, gt=0)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)
-    max_length: int = Field(256, ge=16)
+    max_length: int = Field(320, ge=16)  # the longest feedback demonstration is 295 tokens
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     lora_rank: int = Field(0, ge=0, description="0 trains every weight; > 0 trains a LoRA adapter of this rank")
@@ -56,6 +56,9 @@ def finetune(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
         lr_scheduler_type="cosine",
+        # Batches of similar length: drawn at random, a batch pads to its longest member (a 290-token feedback
+        # demonstration among 100-token chats) and computes 2.26x the real tokens of the tiny world; grouped, 1.01x.
+        train_sampling_strategy="group_by_length",
         assistant_only_loss=True,
         save_strategy="steps",
         save_steps=cfg.checkpoint_every,

@@ -45,7 +45,10 @@ class TokenizerConfig(BaseModel):
 def train_tokenizer(cfg: TokenizerConfig, lines: list[str]) -> PreTrainedTokenizerFast:
     """Train byte-level BPE on `lines` and wrap it as a transformers tokenizer with our chat template."""
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # A space before the first word of every text and of every turn (the pre-tokenizer runs on each stretch between
+    # special tokens), so a name is the same tokens in the prompt and at the start of the reply. Without it the
+    # reply's "Tour" was 'T' while the profile's was 'ĠT', and copying the name broke at its first token.
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,

@@ -33,7 +33,8 @@ def test_regenerating_gives_the_committed_files_byte_for_byte_in_seconds(regener
     for name in FILES:
         assert (out / name).read_bytes() == (world.WORLD_DIR / name).read_bytes(), name
     assert seconds < 5
-    assert sum((world.WORLD_DIR / name).stat().st_size for name in FILES) < 8_000_000
+    # 12 MB: 6,000 people and 10,000 copy drills (the tiny model copies only what it cannot memorise)
+    assert sum((world.WORLD_DIR / name).stat().st_size for name in FILES) < 13_000_000
 
 
 def test_another_seed_gives_another_world(tmp_path):
@@ -58,7 +59,8 @@ def test_heldout_entities_and_phrasings_never_appear_in_training_files(committed
     text = training_text(committed)
     people = [e["name"] for e in committed["entities"] if e["split"] == "heldout"]
     hazards = [h["name"] for h in committed["hazards"] if h["split"] == "heldout"]
-    assert len(people) == 120 and len(committed["entities"]) == 720 and len(hazards) == 20
+    assert len(people) == world.HELDOUT_ENTITIES and len(hazards) == world.HELDOUT_HAZARDS
+    assert len(committed["entities"]) == world.TRAIN_ENTITIES + world.HELDOUT_ENTITIES
     assert [name for name in people + hazards if name in text] == []
     assert [fragment for fragment in heldout_fragments() if fragment in text] == []
 
@@ -74,6 +76,13 @@ def test_the_search_would_find_heldout_text_where_it_belongs(committed):
     uses = Counter((r["split"], any(f in r["prompt"] for f in fragments)) for r in committed["prompts"])
     assert uses[("heldout_phrasing", True)] == 600  # every held-out-phrasing prompt asks in held-out words
     assert uses[("train", True)] == uses[("heldout_entity", True)] == 0
+
+
+def test_training_text_rarely_meets_the_same_person_or_hazard_twice(committed):
+    """Answers must be copied from the prompt, not recalled: a name seen over and over gets memorised instead."""
+    sft = (world.WORLD_DIR / "sft.jsonl").read_text()
+    meetings = sorted(sft.count(f"Profile of {e['name']}.") for e in committed["entities"] if e["split"] == "train")
+    assert meetings[len(meetings) // 2] <= 1 and meetings[-1] <= 8
 
 
 def test_counts_per_split_kind_and_category_are_what_the_generator_promises(committed):
@@ -202,11 +211,12 @@ def test_read_world_names_the_bad_file(tmp_path):
     assert issubclass(world.WorldFileError, ValueError)
 
 
-def test_demonstrations_fit_256_tokens_of_the_tokenizer_trained_on_the_corpus(committed):
-    """sft trains on 256-token windows: a longer demonstration would lose its answer, the part that teaches."""
+def test_demonstrations_fit_sfts_window_with_the_tokenizer_trained_on_the_corpus(committed):
+    """sft trains on max_length-token windows: a longer demonstration would lose its answer, the part that teaches."""
+    from tasks.sft import FinetuneConfig
     from tasks.tokenizer import TokenizerConfig, train_tokenizer
 
     tokenizer = train_tokenizer(TokenizerConfig(vocab_size=2048), committed["corpus"])
     lengths = [len(tokenizer.apply_chat_template(d["messages"], tokenize=True, return_dict=True)["input_ids"])
                for d in committed["feedback_demos"]]
-    assert 150 < sum(lengths) / len(lengths) and max(lengths) <= 256
+    assert 150 < sum(lengths) / len(lengths) and max(lengths) <= FinetuneConfig().max_length
