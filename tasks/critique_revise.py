@@ -60,7 +60,7 @@ def critique_and_revise(cfg: CritiqueReviseConfig, constitution: Constitution, p
                       for p, r in zip(batch, responses)]
             for round_number in range(cfg.rounds):
                 principles = [rng.choice(constitution.critique_revision) for _ in batch]
-                current = [t["rounds"][-1]["revision"] if t["rounds"] else t["initial"] for t in traces]
+                current = [latest_response(t) for t in traces]
                 critiques = feedback.generate(
                     [critique_prompt(p, r, pr.critique) for p, r, pr in zip(texts, current, principles)],
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.feedback_temperature,
@@ -72,18 +72,27 @@ def critique_and_revise(cfg: CritiqueReviseConfig, constitution: Constitution, p
                 for trace, principle, critique, revision in zip(traces, principles, critiques, revisions):
                     trace["rounds"].append({"principle": principle.id, "critique": critique, "revision": revision})
             for trace in traces:
-                trace["final"] = trace["rounds"][-1]["revision"]
+                trace["final"] = latest_response(trace)
             return traces
 
         traces = run_shards(out_dir, chosen, cfg.shard_size, work, step="critique_revise")
     changed = sum(t["final"].strip() != t["initial"].strip() for t in traces)
+    empty = sum(not r["revision"].strip() for t in traces for r in t["rounds"])
     return {
         "prompts": len(traces),
         "red_team_prompts": sum(t["kind"] == "harmful" for t in traces),
         "revised_share": round(changed / max(len(traces), 1), 4),
+        "empty_revisions": empty,
         "mean_initial_chars": round(sum(len(t["initial"]) for t in traces) / max(len(traces), 1), 1),
         "mean_final_chars": round(sum(len(t["final"]) for t in traces) / max(len(traces), 1), 1),
     }
+
+
+def latest_response(trace: dict) -> str:
+    """The last non-empty revision, else the first response: a revision that says nothing revises nothing (an
+    undertrained feedback model can end its turn at once). The trace keeps every revision as it came."""
+    revisions = [r["revision"] for r in trace["rounds"] if r["revision"].strip()]
+    return revisions[-1] if revisions else trace["initial"]
 
 
 @task(name="critique_revise", cache_policy=store.NO_PREFECT_CACHE, persist_result=False)

@@ -26,6 +26,8 @@ def sl_cai_conversations(cfg: SLCAIConfig, traces: list[dict], benign: list[dict
     rng = random.Random(cfg.seed)
     revised = [{"messages": [{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": t["final"]}]}
                for t in traces if t["final"].strip()]
+    if not revised:
+        raise store.InputError(f"critique_revise left no usable response: all {len(traces)} finals are empty")
     mix = revised
     mix += rng.sample(benign, min(round(cfg.benign_per_revision * len(revised)), len(benign)))
     mix += rng.sample(demos, min(round(cfg.demo_replay * len(revised)), len(demos)))

@@ -104,14 +104,15 @@ def first_token_logprobs(hf: HFFeedback, prompt: str, prefix: str = "") -> torch
         return hf.model(torch.tensor([hf.chat_ids(prompt, prefix)])).logits[0, -1].log_softmax(-1)
 
 
-def single_token_options(hf: HFFeedback, logp: torch.Tensor, ranks) -> list[str]:
-    """Texts of the tokens at the given ranks of a distribution, among tokens that encode back to themselves."""
+def single_token_options(hf: HFFeedback, logp: torch.Tensor, ranks, among: int | None = 20) -> list[str]:
+    """Texts of the tokens at the given ranks among the `among` most likely (the endpoint's top 20) that encode back
+    to themselves and whose text, spaces aside, no other of them shares (the endpoint counts " x" and "x" as one)."""
     special = set(hf.tokenizer.all_special_ids)
-    candidates = []
-    for i in logp.argsort(descending=True).tolist():
-        text = hf.tokenizer.decode([i])
-        if i not in special and hf.tokenizer(text, add_special_tokens=False)["input_ids"] == [i]:
-            candidates.append(text)
+    top = [i for i in logp.argsort(descending=True).tolist()[:among] if i not in special]
+    texts = [hf.tokenizer.decode([i]) for i in top]
+    stripped = [t.strip() for t in texts]
+    candidates = [t for i, t in zip(top, texts)
+                  if hf.tokenizer(t, add_special_tokens=False)["input_ids"] == [i] and stripped.count(t.strip()) == 1]
     return [candidates[r] for r in ranks]
 
 
@@ -236,7 +237,7 @@ def test_openai_option_logprobs_match_hf_within_1e4(hf, client):
     for prefixes in (None, PREFIXES):
         for prompt, prefix in zip(PROMPTS, prefixes or [None] * 3):
             logp = first_token_logprobs(hf, prompt, prefix or "")
-            options = single_token_options(hf, logp, ranks=(0, 3, 10))
+            options = single_token_options(hf, logp, ranks=(0, 2, -1))  # the likeliest, the third, the last in the top 20
             exact = hf.option_logprobs([prompt], options, assistant_prefixes=[prefix] if prefix else None)[0]
             served = client.option_logprobs([prompt], options, assistant_prefixes=[prefix] if prefix else None)[0]
             assert served == pytest.approx(exact, abs=1e-4)
@@ -244,7 +245,7 @@ def test_openai_option_logprobs_match_hf_within_1e4(hf, client):
 
 def test_openai_gives_an_absent_option_its_upper_bound(hf, client, caplog):
     logp = first_token_logprobs(hf, PROMPTS[0])
-    [rare] = single_token_options(hf, logp, ranks=(-1,))  # the least likely token: far outside the top 20
+    [rare] = single_token_options(hf, logp, ranks=(-1,), among=None)  # the least likely token: far outside the top 20
     top = logp.topk(fb.TOP_LOGPROBS).values.double()
     bound = min(top.min().item(), math.log(1 - top.exp().sum().item()))
     exact = hf.option_logprobs(PROMPTS[:1], [rare])[0][0]

@@ -137,3 +137,27 @@ def test_the_two_least_alike_samples_are_compared():
     assert word_jaccard("the cat sat", "the cat ran") == pytest.approx(2 / 4)
     samples = ["Mel's colour is brown.", "Mel's colour is brown!", "I can't share that.", "Mel's colour is brown."]
     assert least_alike(samples) == ("Mel's colour is brown.", "I can't share that.")
+
+
+def test_an_empty_revision_keeps_the_response_it_was_to_revise():
+    from tasks.critique_revise import latest_response
+
+    def trace(*revisions):
+        return {"initial": "first answer", "rounds": [{"revision": r} for r in revisions]}
+
+    assert latest_response(trace()) == "first answer"
+    assert latest_response(trace("  ")) == "first answer"
+    assert latest_response(trace("better", "")) == "better"
+    assert latest_response(trace("better", "best")) == "best"
+
+
+def test_sl_cai_refuses_traces_without_a_usable_response():
+    from tasks.sl_cai import SLCAIConfig, sl_cai_conversations
+    from tasks.store import InputError
+
+    benign = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 4
+    traces = [{"prompt": "p", "final": "revised"}, {"prompt": "q", "final": " "}]
+    mix = sl_cai_conversations(SLCAIConfig(benign_per_revision=2.0, demo_replay=0.0), traces, benign, [])
+    assert len(mix) == 3 and sum(m["messages"][1]["content"] == "revised" for m in mix) == 1
+    with pytest.raises(InputError, match="all 1 finals are empty"):
+        sl_cai_conversations(SLCAIConfig(), traces[1:], benign, [])
