@@ -1,8 +1,9 @@
 """Constitutional AI on the tiny world, repeated over seeds: the held-out figures per stage, mean and spread.
 
-Runs `alignflow run evaluate_sft evaluate_sl_cai evaluate_rl` once per seed (`--set seed=N` reseeds every step) into
-one store, so a seed already run is reused from the cache, then prints each metric per stage and split as
-mean, min and max over the seeds, the reward model's held-out accuracy, and the goals of issue 6 met or not.
+Runs `alignflow run evaluate_sft evaluate_sl_cai evaluate_rl` once per seed (`--set seed=N` reseeds every step but
+the shared backbone's pretrain_dense, which keeps seed 0) into one store, so a seed already run is reused from the
+cache, then prints each metric per stage and split as mean, min and max over the seeds, the reward model's held-out
+accuracy, and the goals of issue 6 met or not.
 
     .venv/bin/python -m bench.cai [--seeds 0 1 2] [--store runs/cai] [--preset tiny] [--set step.field=value ...]
 
@@ -26,6 +27,9 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     """The manifest metrics of every step of one seed's run, by step name."""
     command = [sys.executable, "-m", "flows.cli", "run", "evaluate_sft", "evaluate_sl_cai", "evaluate_rl",
                "--preset", args.preset, "--store", str(args.store), "--set", f"seed={seed}", "--json"]
+    # One backbone for every seed: the seeds vary the post-training chain the issue measures, and the 2,000-step
+    # pretraining runs once. `--set pretrain_dense.seed=N` after it varies the backbone too.
+    command += ["--set", "pretrain_dense.seed=0"]
     for item in args.set:
         command += ["--set", item]
     print(f"seed {seed}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
