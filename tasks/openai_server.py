@@ -123,8 +123,9 @@ class ChatCompletionsServer(ThreadingHTTPServer):
         new = out.sequences[0, len(prompt) :].tolist()
         finish = "stop" if new and new[-1] == eos else "length"
         kept = new[:-1] if finish == "stop" else new  # the stop token is not part of the reply
-        choice = {"index": 0, "message": {"role": "assistant", "content": tokenizer.decode(kept, skip_special_tokens=True).strip()},
-                  "logprobs": None, "finish_reason": finish}
+        reply = tokenizer.decode(kept, skip_special_tokens=True).strip()  # our tokenizer opens every turn with a space
+        choice = {"index": 0, "message": {"role": "assistant", "content": reply}, "logprobs": None,
+                  "finish_reason": finish}
         if body.get("logprobs"):
             choice["logprobs"] = {"content": [token_logprobs(tokenizer, out.logits[step][0], token, top)
                                               for step, token in enumerate(kept)]}
