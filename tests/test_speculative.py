@@ -12,11 +12,11 @@ from models.speculative import greedy_decode, speculative_decode
 VOCAB = 32
 
 
-def tiny(heads: int) -> MoeForCausalLM:
+def tiny(heads: int, dense_mtp: bool = False) -> MoeForCausalLM:
     config = moe_tiny(VOCAB)
     config.hidden_size, config.num_hidden_layers, config.intermediate_size = 64, 3, 128
     config.qk_nope_head_dim, config.v_head_dim, config.kv_lora_rank = 16, 16, 24
-    config.num_mtp_modules = heads
+    config.num_mtp_modules, config.mtp_dense_ffn = heads, dense_mtp
     torch.manual_seed(0)
     return MoeForCausalLM(config)
 
@@ -105,9 +105,10 @@ def trained():
     return model.eval()
 
 
-@pytest.mark.parametrize("heads", [1, 2, 3])
-def test_equals_greedy_untrained(heads):
-    model = tiny(heads).eval()
+@pytest.mark.parametrize(("heads", "dense_mtp"), [(1, False), (2, False), (3, False), (2, True)])
+def test_equals_greedy_untrained(heads, dense_mtp):
+    model = tiny(heads, dense_mtp).eval()
+    assert all(module.block.is_moe != dense_mtp for module in model.mtp)
     generator = torch.Generator().manual_seed(heads)
     for length in (1, 2, 7):  # prompts shorter than D too: the MTP modules then start with nothing to commit
         prompt = torch.randint(0, VOCAB, (1, length), generator=generator)
