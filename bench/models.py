@@ -22,13 +22,14 @@ Measured on 2 shared CPU cores under another job's load, OMP_NUM_THREADS=1, one 
 3. moe-tiny MLA 384 B/token, MHA 2,048 (5.3x), MLA in int8 224 (0.58 of bf16); moe-small 3,840 against 24,576
    (6.4x), in int8 2,016 (0.53 of bf16).
 4. absorbed / naive at a 1024-token context: moe-tiny 171.2 / 129.4 tok/s (1.32x), moe-small 20.2 / 10.6 (1.90x).
-5. Was trained for 100 s, so load set the step count (235 steps: acceptance 0.70, 1.21x). Now 600 steps with a
-   decaying learning rate, `OMP_NUM_THREADS=1 python -m bench.models mtp` alone, load average 6-10 on the 2 cores
-   (287 s of training): acceptance 0.87, 0.54 main-model forwards per token, greedy 162 tok/s, speculative 207:
-   speed-up 1.29x (quartiles of the per-round ratios 1.15-1.38), output identical to greedy; just short of 1.3x.
-   The ceiling is the model's, not the loop's: a round costs a 2-token main forward (1.10x a 1-token one: the MoE
-   layers run up to 4 experts instead of 2) plus the MTP module (about 0.3x a main forward, itself an MoE block),
-   so 1.3x needs acceptance near 0.92. Constant lr levelled off near 0.83 between 600 and 1000 steps.
+5. moe-tiny trained 600 steps (decaying lr), once with DeepSeek-V3's MTP block (an MoE block, as the main model's
+   layers) and once with a dense FFN in it, `OMP_NUM_THREADS=1 python -m bench.models mtp` beside two other jobs:
+   V3 block acceptance 0.78, greedy 152 tok/s, speculative 182: 1.18x (quartiles 1.15-1.24); dense block acceptance
+   0.83, greedy 339, speculative 462: 1.36x (quartiles 1.21-1.40); both outputs identical to greedy. A round costs a
+   2-token main forward (1.10x a 1-token one: its MoE layers run up to 4 experts instead of 2) plus the MTP module;
+   on a model this small the MoE block's routing (gate, top-k, sort, gather: many small ops) costs more than its
+   matmuls, so the dense block drafts as well for less, and moe-tiny uses it (`mtp_dense_ffn`). (An earlier run, on
+   the corpus before its copy drills, had the V3 block at acceptance 0.87 and 1.29x.)
 With two threads while another job held the cores, every layer ran 2-20x slower than with one, the MoE far more
 than the dense FFN (35x the dense FFN's time; 5.8x with the earlier dispatch): an OpenMP barrier per small op.
 """
@@ -187,11 +188,12 @@ def training_text() -> str:
     return "\n".join(lines)
 
 
-def train_mtp_model(data: torch.Tensor, split: int, steps: int) -> tuple[MoeForCausalLM, float, float]:
+def train_mtp_model(data: torch.Tensor, split: int, steps: int, dense_mtp: bool) -> tuple[MoeForCausalLM, float, float]:
     """moe-tiny on bytes of the corpus for a fixed number of AdamW steps, the learning rate warmed up over 50 steps
     and decayed linearly to 0: a step count, not a time budget, so the model is the same however loaded the
     machine. Returns the model and the last LM and MTP losses."""
     config = moe_tiny(256)  # bytes are the tokens: no tokenizer needed here
+    config.mtp_dense_ffn = dense_mtp  # moe-tiny's own choice is dense; the V3 block is the comparison
     torch.manual_seed(0)
     model = MoeForCausalLM(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -214,11 +216,18 @@ def bench_speculative(steps: int = MTP_TRAIN_STEPS, rounds: int = 5, max_new_tok
     text = training_text().encode()[:2_000_000]
     data = torch.tensor(list(text), dtype=torch.long)
     split = int(0.95 * len(data))
-    start = time.perf_counter()
-    model, lm_loss, mtp_loss = train_mtp_model(data, split, steps)
     source = "data/world/corpus.txt" if CORPUS.exists() else "synthetic sentences"
-    print(f"5. MTP self-speculative decoding: moe-tiny (D = {model.config.num_mtp_modules}) trained {steps} steps on "
-          f"{source} ({time.perf_counter() - start:.0f} s); last LM loss {lm_loss:.3f}, MTP loss {mtp_loss:.3f}")  # fmt: skip
+    print(f"5. MTP self-speculative decoding: moe-tiny (D = 1) trained {steps} steps on {source}, once with "
+          "DeepSeek-V3's MTP block (an MoE block) and once with moe-tiny's dense-FFN block")
+    for dense_mtp in (False, True):
+        start = time.perf_counter()
+        model, lm_loss, mtp_loss = train_mtp_model(data, split, steps, dense_mtp)
+        print(f"   MTP block {'dense FFN' if dense_mtp else 'MoE (as V3)'}: trained in "
+              f"{time.perf_counter() - start:.0f} s, last LM loss {lm_loss:.3f}, MTP loss {mtp_loss:.3f}")
+        speculative_speed(model, data, split, rounds, max_new_tokens)
+
+
+def speculative_speed(model: MoeForCausalLM, data: torch.Tensor, split: int, rounds: int, max_new_tokens: int):
     # Eight held-out prompts of 48 bytes, each decoded for the same max_new_tokens by both, with the same model.
     prompts = [data[o : o + 48][None] for o in range(split, len(data) - 48, (len(data) - split) // 8)][:8]
     accepted = proposed = 0
