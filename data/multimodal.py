@@ -44,7 +44,10 @@ DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  
 NEUTRAL = {"colour": "grey", "direction": "still", "pitch": "in between"}
 RGB = {**COLOURS, "grey": (0.7, 0.7, 0.7)}
 MOTIONS = {**DIRECTIONS, "still": (0, 0)}
-PITCH_CHOICES = {**{name: (hz,) for name, hz in PITCHES.items()}, "in between": (500.0, 1250.0)}  # Hz
+# In-between pitches up to a third of an octave from low and high: with only 500 and 1250 Hz, energy near 2 kHz came
+# only from chirps and near 300-600 Hz mostly from tones, and the model named the kind from that frequency content
+# (held-out kind 0.00-0.25: a high tone called a chirp, a low chirp a tone) instead of from the sweep.
+PITCH_CHOICES = {**{name: (hz,) for name, hz in PITCHES.items()}, "in between": (400.0, 500.0, 1250.0, 1600.0)}  # Hz
 ISOLATED_SHARE = 0.3  # of training samples
 
 ATTRIBUTES = {
@@ -92,16 +95,28 @@ def shape_mask(shape: str, centre: tuple[float, float], radius: float, size: int
 
 
 def render_frame(rng: np.random.Generator, shape: str, colour: str, centre, radius: float) -> np.ndarray:
-    """(3, H, W) float32 in [0, 1]: a coloured shape on a dark noisy background."""
+    """(3, H, W) float32 in [0, 1]: a coloured shape with a white rim (its outermost pixels) on a dark noisy
+    background. The rim draws the outline the same in every colour: with the colour filling the whole shape, a
+    patch-embedding + MLP probe trained on the training combinations read the shape of held-out ones 0.30 (0.58-0.62
+    with the rim), since a blue circle was nearer a blue square than a grey circle."""
     image = rng.uniform(0.0, 0.15, (3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
     rgb = np.clip(np.array(RGB[colour]) + rng.normal(0, 0.05, 3), 0, 1).astype(np.float32)
-    image[:, shape_mask(shape, centre, radius)] = rgb[:, None]
+    mask = shape_mask(shape, centre, radius)
+    inner = mask.copy()  # the mask eroded by one pixel (4-neighbourhood)
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    image[:, mask] = 1.0
+    image[:, inner] = rgb[:, None]
     return image
 
 
 def render_image(rng: np.random.Generator, a: dict) -> np.ndarray:
     row, col = POSITIONS[a["position"]]
-    centre = (row + rng.uniform(-2, 2), col + rng.uniform(-2, 2))
+    # +-1 px, not +-2: the shape then stays inside its 16 px patch, and a probe (patch embedding + MLP, 300 steps)
+    # read the shape of held-out combinations 0.65-0.68 against 0.30 at +-2 px (training shapes 0.997 against 0.90).
+    centre = (row + rng.uniform(-1, 1), col + rng.uniform(-1, 1))
     return render_frame(rng, a["shape"], a["colour"], centre, SIZES[a["size"]] * rng.uniform(0.9, 1.1))
 
 
@@ -118,10 +133,14 @@ def render_audio(rng: np.random.Generator, a: dict) -> np.ndarray:
 
 
 def render_video(rng: np.random.Generator, a: dict) -> np.ndarray:
-    """(frames, 3, H, W) float32: a shape crossing the frame in its direction, 5 pixels per frame."""
+    """(frames, 3, H, W) float32: a shape crossing the frame in its direction, 5 pixels per frame.
+    The path lies on the 16 px patch grid: across a patch centre (8 or 24 px, +-1) and, along the motion, centred on
+    the image (16 px, +-1), so the first and last frames show the shape inside one patch as images do. With the path
+    anywhere in 10-22 px the shape mostly straddled patches: shapes were read 0.67 in training videos and 0.38 in
+    held-out ones; on the grid 1.00 and 1.00 (and held-out images' shapes rose from 0.38 to 0.98: one encoder)."""
     step = np.array(MOTIONS[a["direction"]], dtype=np.float32) * 5.0
-    start = rng.uniform(10, 22, 2).astype(np.float32)
-    start -= step * (VIDEO_FRAMES - 1) / 2  # centred path: the shape stays inside the frame
+    centre = np.where(step != 0, 16.0, rng.choice([8.0, 24.0], 2)) + rng.uniform(-1, 1, 2)
+    start = (centre - step * (VIDEO_FRAMES - 1) / 2).astype(np.float32)
     radius = 5.0 * rng.uniform(0.9, 1.1)
     return np.stack([render_frame(rng, a["shape"], a["colour"], start + f * step, radius)
                      for f in range(VIDEO_FRAMES)])
