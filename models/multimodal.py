@@ -189,8 +189,8 @@ def log_mel_and_change(wave: torch.Tensor, n_fft: int, hop_length: int, n_mels: 
 
 class AudioEncoder(nn.Module):
     """Log-mel spectrogram and its change over DELTA_FRAMES -> two stride-2 3x3 convolutions over (mel, time) -> one
-    token per 4 frames (40 ms): the features of every mel band through one linear map, plus their maximum over the bands through another (the
-    frequency-invariant view), plus a sine encoding of the token's time index."""
+    token per 4 frames (40 ms): the features of every mel band through one linear map, plus their maximum over the
+    bands through another (the frequency-invariant view), plus a sine encoding of the token's time index."""
 
     def __init__(self, config: MultimodalConfig):
         super().__init__()

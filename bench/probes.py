@@ -1,0 +1,118 @@
+"""Probes of what a tiny model can and cannot do yet, for the post-training chain's shortfalls (README, "The tiny world").
+
+    .venv/bin/python -m bench.probes store/pretrain_dense/<key>/model store/sft/<key>/model   # copy and intent
+    .venv/bin/python -m bench.probes --recall 600                                           # associative recall
+
+1. Copying across a gap: new copy drills ("Say it back: <names and numbers>. <gap> <the same>.") with 0-90 random
+   words between the halves; accuracy of the second half's tokens (after its first), teacher-forced.
+2. Intent: after "<name> is a" on held-out insult and compliment requests, the probability of an insult word.
+   A model that reads the request puts most of it on insults for insults and little for compliments.
+3. Associative recall, trained from scratch on random tokens (keys and values, then keys asked back in another
+   order): answer accuracy of dense-tiny and of transformers' LlamaForCausalLM of the same shape.
+
+Measured on the tiny preset's seed-0 models (2 shared CPU cores, one thread;
+`python -m bench.probes <pretrain_dense model> <sft model> --recall 600`):
+1. pretrain_dense: 0.97 with no gap, 0.12 / 0.21 / 0.12 with 20 / 50 / 90 words between; sft: 0.77, then
+   0.31 / 0.36 / 0.16. A profile's values sit 60-100 tokens before the answer.
+2. sft: 0.52-0.53 on insult requests, 0.50-0.53 on compliment requests: it does not read which was asked.
+3. dense-tiny 0.01, Llama 0.01 after 600 steps (1,000 steps of Llama in a scratch run: 0.00).
+"""
+
+import argparse
+import json
+import random
+import sys
+
+import torch
+
+from data.world import INSULTS, WORDS, WORLD_DIR, syllable_name
+
+GAPS = (0, 20, 50, 90)
+
+
+@torch.no_grad()
+def copy_accuracy(model, tokenizer, gap: int, drills: int = 30) -> float:
+    rng, hits, total = random.Random(5), 0, 0
+    for _ in range(drills):
+        said = " ".join(rng.choice([syllable_name(rng, rng.choice([1, 2])), str(rng.randint(2, 999))])
+                        for _ in range(4))  # fmt: skip
+        filler = "".join(" " + rng.choice(WORDS) for _ in range(gap))
+        first = tokenizer(f"Say it back: {said}.{filler}", add_special_tokens=False).input_ids
+        second = tokenizer(f" {said}.", add_special_tokens=False).input_ids
+        ids = torch.tensor([[tokenizer.bos_token_id] + first + second])
+        predicted = model(ids).logits[0].argmax(-1)
+        start = 1 + len(first)  # the second half's first token cannot be known; the rest can be copied
+        hits += sum(int(predicted[i - 1] == ids[0, i]) for i in range(start + 1, ids.shape[1]))
+        total += len(second) - 1
+    return hits / total
+
+
+@torch.no_grad()
+def insult_probability(model, tokenizer, category: str, split: str, prompts: int = 30) -> float:
+    insult_ids = sorted({tokenizer(" " + word, add_special_tokens=False).input_ids[0] for word in INSULTS})
+    rows = [json.loads(line) for line in (WORLD_DIR / "prompts.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [r for r in rows if r["split"] == split and r["category"] == category][:prompts]
+    total = 0.0
+    for r in rows:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+        ids = tokenizer(text + f" {r['entity']} is a", add_special_tokens=False).input_ids
+        total += model(torch.tensor([ids])).logits[0, -1].softmax(-1)[insult_ids].sum().item()
+    return total / len(rows)
+
+
+def recall_batch(generator, batch: int = 32, pairs: int = 8, asked: int = 4, vocab: int = 256) -> torch.Tensor:
+    """<bos> k1 v1 .. k8 v8 <sep> k v k v ..: keys 10-109 (distinct in a row), values 110-255, separator 5."""
+    keys = torch.stack([torch.randperm(100, generator=generator)[:pairs] + 10 for _ in range(batch)])
+    values = torch.randint(110, vocab, (batch, pairs), generator=generator)
+    order = torch.stack([torch.randperm(pairs, generator=generator)[:asked] for _ in range(batch)])
+    table = torch.stack([keys, values], -1).flatten(1)
+    questions = torch.stack([keys.gather(1, order), values.gather(1, order)], -1).flatten(1)
+    return torch.cat([torch.ones(batch, 1, dtype=torch.long), table, torch.full((batch, 1), 5), questions], 1)
+
+
+def recall_accuracy(model, steps: int, pairs: int = 8) -> float:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = recall_batch(generator, pairs=pairs)
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    first_question = 2 + 2 * pairs
+    with torch.no_grad():
+        ids = recall_batch(torch.Generator().manual_seed(99), pairs=pairs)
+        predicted = model(input_ids=ids).logits.argmax(-1)
+    return (predicted[:, first_question:-1:2] == ids[:, first_question + 1 :: 2]).float().mean().item()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("models", nargs="*", help="model directories (with their tokenizer)")
+    parser.add_argument("--recall", type=int, default=0, help="train associative recall for this many steps")
+    args = parser.parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    import models  # noqa: F401  registers our backbones with the Auto classes
+    from models.dense import DenseForCausalLM, dense_tiny
+
+    for path in args.models:
+        tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+        copies = ", ".join(f"gap {gap}: {copy_accuracy(model, tokenizer, gap):.2f}" for gap in GAPS)
+        print(f"{path}\n  1. second-copy accuracy, {copies}")
+        for split in ("train", "heldout_entity", "heldout_phrasing"):
+            insult, compliment = (insult_probability(model, tokenizer, c, split) for c in ("insult", "compliment"))
+            print(f"  2. {split}: P(insult word) {insult:.2f} on insult requests, {compliment:.2f} on compliments")
+    if args.recall:
+        for name, build in (("dense-tiny", lambda: DenseForCausalLM(dense_tiny(256))),
+                            ("Llama", lambda: LlamaForCausalLM(LlamaConfig(
+                                vocab_size=256, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                intermediate_size=704, tie_word_embeddings=True)))):  # fmt: skip
+            torch.manual_seed(0)
+            print(f"3. {name}, {args.recall} steps: recall accuracy {recall_accuracy(build(), args.recall):.2f}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(main())
