@@ -10,13 +10,13 @@ Held-out attribute accuracy is measured by the pipeline (`alignflow run evaluate
 
     .venv/bin/python -m bench.multimodal [--steps 600] [--lengths 1024 2048 4096] [--save DIR]
 
-Measured on 2 shared CPU cores (quiet machine), `--steps 1500`, one run (train ~160 s):
-- attention, T = 1024 / 2048 / 4096 (w = s = 32 / 64 / 64): sparse/dense-causal time 0.79 / 0.62 / 0.41; score
-  bytes 0.094 / 0.078 / 0.047 of dense. The masked dense SDPA of the same pattern is 2.5-3x slower than dense causal.
+Measured on 2 shared CPU cores, `--steps 1500`, one run (train ~160 s), with 16 px patches and the audio encoder's
+change channel (README):
+- attention, T = 1024 / 2048 / 4096 (w = s = 32 / 64 / 64): sparse/dense-causal time 0.85 / 0.63 / 0.47; score
+  bytes 0.094 / 0.078 / 0.047 of dense. The masked dense SDPA of the same pattern is 1.9-3.1x slower than dense causal.
   Under heavy CPU contention the timings swing by 10x; the byte ratios do not.
-- int8 cache (per-token scales): 1152 vs 2048 bytes/token (0.562 of bf16), held-out perplexity 1.5954 vs 1.5957
-  (-0.02%); group 8: 0.750 of bf16, +0.007% (measured before video frames shared the image encoder and audio went
-  log-mel; the bytes per token do not depend on either).
+- int8 cache (per-token scales): 1152 vs 2048 bytes/token (0.562 of bf16), held-out perplexity 1.3177 vs 1.3178
+  (-0.005%); group 8: 0.750 of bf16, -0.003%.
 """
 
 import argparse
