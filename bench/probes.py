@@ -5,7 +5,8 @@
 
 1. Copying across a gap: new copy drills ("Say it back: <names and numbers>. <gap> <the same>.") with 0-90 random
    words between the halves; accuracy of the second half's tokens (after its first), teacher-forced.
-2. Intent: after "<name> is a" on held-out insult and compliment requests, the probability of an insult word.
+2. Intent: after "<name> is a" on insult and compliment requests (training and held-out splits), the probability
+   of an insult word.
    A model that reads the request puts most of it on insults for insults and little for compliments.
 3. Associative recall, trained from scratch on random tokens (keys and values, then keys asked back in another
    order): answer accuracy of dense-tiny and of transformers' LlamaForCausalLM of the same shape.
