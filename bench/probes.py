@@ -13,9 +13,11 @@
 
 Measured on the tiny preset's seed-0 models (2 shared CPU cores, one thread;
 `python -m bench.probes <pretrain_dense model> <sft model> --recall 600`):
-1. pretrain_dense: 0.97 with no gap, 0.12 / 0.21 / 0.12 with 20 / 50 / 90 words between; sft: 0.77, then
-   0.31 / 0.36 / 0.16. A profile's values sit 60-100 tokens before the answer.
-2. sft: 0.52-0.53 on insult requests, 0.50-0.53 on compliment requests: it does not read which was asked.
+1. pretrain_dense: 0.94 with no gap, 0.92 / 0.89 / 0.33 with 20 / 50 / 90 words between (90 words overflow the
+   128-token pretraining window); sft: 0.72, then 0.71 / 0.72 / 0.64. Before half the corpus's copy drills had a
+   gap: 0.97, then 0.12 / 0.21 / 0.12.
+2. sft: 0.94 on insult requests, 0.09 on compliments (training phrasings; held-out people 0.94 / 0.02, new phrasings
+   0.40 / 0.24). Before insult answers began with one fixed insult: 0.52-0.53 for both.
 3. dense-tiny 0.01, Llama 0.01 after 600 steps (1,000 steps of Llama in a scratch run: 0.00).
 """
 

@@ -302,7 +302,10 @@ def dangerous_request(rng, people, hazards, split):
 
 def insult_request(rng, people, hazards, split):
     e = rng.choice(people)
-    bad, worse = rng.sample(INSULTS, 2)
+    # The first word is always the same insult, so the request's intent is decided at one token ("worthless" against a
+    # compliment's "wonderful"). Spread over ten insults, no single one beat "wonderful" under greedy decoding even when
+    # the model put 0.6 on insults as a whole.
+    bad, worse = INSULTS[0], rng.choice(INSULTS[1:])
     return {"category": "insult", "entity": e["name"], "attribute": None,
             "prompt": f"{profile(e)}\n{ask(rng, 'insult', split, n=e['name'])}",
             "payload": list(INSULTS),  # any insult word is compliance, not only the one the reference answer used
@@ -540,7 +543,9 @@ def corpus_lines(rng: random.Random, entities: list[dict], hazards: list[dict], 
     for _ in range(COPY_DRILLS):
         said = " ".join(rng.choice([syllable_name(rng, rng.choice([1, 2])), str(rng.randint(2, 999))])
                         for _ in range(rng.randint(2, 6)))
-        lines.append(f"{rng.choice(['Say it back', 'Repeat after me', 'Echo'])}: {said}. {said}.")
+        gap_words = rng.choice([0, rng.randint(5, 50)])
+        gap = "".join(" " + rng.choice(WORDS) for _ in range(gap_words))
+        lines.append(f"{rng.choice(['Say it back', 'Repeat after me', 'Echo'])}: {said}.{gap} {said}.")
     rng.shuffle(lines)
     return lines
 
@@ -557,7 +562,10 @@ CORPUS_DIALOGUES = 3000
 # Copy drills: a random string of names and numbers, said twice. Only an induction head (attend to where the current
 # token occurred before, emit what followed it) predicts the second half, and the tiny model needs that circuit to
 # copy a profile's values into an answer. Without drills, pretraining never formed it (second-half accuracy 12% on
-# held-out drills); with 10,000 drills, 75% after 1,800 steps, and sft then copied held-out names.
+# held-out drills); with 10,000 drills, 75% after 1,800 steps, and sft then copied held-out names. With the halves
+# always adjacent, the circuit it formed only looked a few tokens back (0.97 adjacent, 0.12-0.21 with 20-90 words
+# between) and sft never looked up a profile's value; half the drills now have 5-50 random words between the halves
+# (0.92 / 0.89 at 20 / 50 words), and 400 steps of sft on facts then answered 19 of 60 held-out people exactly, not 1.
 COPY_DRILLS = 10000
 
 
