@@ -699,7 +699,9 @@ def read_world(root: Path | None = None) -> dict:
 
 
 def sft_conversations(world_dir: Path) -> list[dict]:
-    return read_conversations(Path(world_dir) / "sft.jsonl")
+    """The helpful-only conversations, each with its category (sft's curriculum picks by it)."""
+    rows = read_jsonl(Path(world_dir) / "sft.jsonl", {**CONVERSATION_FIELDS, "category": str})
+    return [{"messages": r["messages"], "category": r["category"]} for r in rows]
 
 
 def benign_conversations(world_dir: Path) -> list[dict]:

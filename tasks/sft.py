@@ -27,11 +27,44 @@ class FinetuneConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     lora_rank: int = Field(0, ge=0, description="0 trains every weight; > 0 trains a LoRA adapter of this rank")
     checkpoint_every: int = Field(200, ge=1, description="optimizer steps between resumable checkpoints")
+    curriculum_categories: list[str] = Field([], description="conversation categories trained alone first")
+    curriculum_steps: int = Field(0, ge=0, description="optimizer steps on curriculum_categories before the mixture")
     seed: int = 0
 
 
+# Why a curriculum: in the tiny world, looking a value up by its attribute ("passcode" -> the number after it in the
+# profile) is learnt slowly and never among the whole mixture (600 to 1,578 steps: 2 of 40 held-out answers exact).
+# 400 steps on facts and private values alone learn it (19 of 60), and 600 steps of the mixture afterwards keep it
+# (19 of 40).
+CURRICULUM_DIR = "curriculum"
+
+
 def finetune(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir: Path, step: str = "sft") -> dict:
-    """Fine-tune the model in `base` on `conversations` ({"messages": [...]}) and save it to out_dir/model."""
+    """Fine-tune the model in `base` on `conversations` ({"messages": [...]}) and save it to out_dir/model: first
+    `curriculum_steps` on the curriculum categories alone when set, then `epochs` over all of them. A rerun after a
+    crash resumes whichever stage was cut short."""
+    metrics = {}
+    if cfg.curriculum_steps and cfg.curriculum_categories:
+        first = [c for c in conversations if c.get("category") in cfg.curriculum_categories]
+        if not first:
+            raise store.InputError(f"{step}.curriculum_categories {cfg.curriculum_categories}: no {step} conversation "
+                                   f"has one of these categories")
+        stage_dir, done = out_dir / CURRICULUM_DIR, out_dir / CURRICULUM_DIR / "done.json"
+        if not done.exists():
+            stage = train(cfg, base, first, stage_dir, f"{step} curriculum", max_steps=cfg.curriculum_steps)
+            done.write_text(json.dumps(stage))  # written after the model: a crash before it redoes the stage
+        stage = json.loads(done.read_text())
+        metrics = {"curriculum_examples": stage["examples"], "curriculum_steps": stage["steps"],
+                   "curriculum_last_loss": stage["last_loss"]}
+        base = stage_dir / "model"
+    metrics = {**train(cfg, base, conversations, out_dir, step), **metrics}
+    shutil.rmtree(out_dir / CURRICULUM_DIR, ignore_errors=True)  # the output is the final model
+    return metrics
+
+
+def train(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir: Path, step: str,
+          max_steps: int = -1) -> dict:
+    """One SFTTrainer run from `base` on `conversations`: `epochs` over them, or `max_steps` when > 0."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import SFTConfig, SFTTrainer
@@ -50,6 +83,7 @@ def finetune(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir
     args = SFTConfig(
         output_dir=str(checkpoints),
         num_train_epochs=cfg.epochs,
+        max_steps=max_steps,
         learning_rate=cfg.lr,
         per_device_train_batch_size=cfg.batch_size,
         max_length=cfg.max_length,
@@ -77,7 +111,7 @@ def finetune(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=datasets.Dataset.from_list(conversations),
+        train_dataset=datasets.Dataset.from_list([{"messages": c["messages"]} for c in conversations]),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[progress],

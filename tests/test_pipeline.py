@@ -41,6 +41,7 @@ def test_every_step_runs_and_reports_metrics(first_run):
     assert steps["pretrain_dense"]["metrics"]["val_loss"] < 7.0  # ln(1024) = 6.9 is a uniform guess
     assert steps["reward_model"]["metrics"]["heldout_pairs"] > 0
     assert steps["rl"]["metrics"]["steps"] == 2
+    assert steps["sft"]["metrics"]["curriculum_steps"] == 2  # facts and private values alone first
     assert "heldout_entity/compliance" in steps["evaluate_rl"]["metrics"]
     assert len(steps["pretrain_multimodal"]["metrics"]["expert_loads"]) == 4  # router loads of its 4 MoE layers
     assert steps["sft_multimodal"]["metrics"]["steps"] == 4
