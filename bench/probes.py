@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from data.world import INSULTS, WORDS, WORLD_DIR, syllable_name
+from data.world import INSULTS, WORDS, WORLD_DIR, drill_items
 
 GAPS = (0, 20, 50, 90)
 
@@ -37,8 +37,7 @@ GAPS = (0, 20, 50, 90)
 def copy_accuracy(model, tokenizer, gap: int, drills: int = 30) -> float:
     rng, hits, total = random.Random(5), 0, 0
     for _ in range(drills):
-        said = " ".join(rng.choice([syllable_name(rng, rng.choice([1, 2])), str(rng.randint(2, 999))])
-                        for _ in range(4))  # fmt: skip
+        said = drill_items(rng, 4)
         filler = "".join(" " + rng.choice(WORDS) for _ in range(gap))
         first = tokenizer(f"Say it back: {said}.{filler}", add_special_tokens=False).input_ids
         second = tokenizer(f" {said}.", add_special_tokens=False).input_ids

@@ -523,6 +523,11 @@ ENCYCLOPEDIA = {  # attribute -> ways an encyclopedia says it
 }
 
 
+def drill_items(rng: random.Random, n: int) -> str:
+    """n random names and numbers: what a copy drill says twice (bench/probes.py draws new ones)."""
+    return " ".join(rng.choice([syllable_name(rng, rng.choice([1, 2])), str(rng.randint(2, 999))]) for _ in range(n))
+
+
 def corpus_lines(rng: random.Random, entities: list[dict], hazards: list[dict], dialogues: list[dict]) -> list[str]:
     """Pretraining text, one document per line: encyclopedia entries, manual entries, sums, dialogues, copy drills."""
     lines = []
@@ -541,8 +546,7 @@ def corpus_lines(rng: random.Random, entities: list[dict], hazards: list[dict], 
     lines += [f"User: {d['messages'][0]['content']} Assistant: {d['messages'][1]['content']}".replace("\n", " ")
               for d in dialogues]
     for _ in range(COPY_DRILLS):
-        said = " ".join(rng.choice([syllable_name(rng, rng.choice([1, 2])), str(rng.randint(2, 999))])
-                        for _ in range(rng.randint(2, 6)))
+        said = drill_items(rng, rng.randint(2, 6))
         gap_words = rng.choice([0, rng.randint(5, 50)])
         gap = "".join(" " + rng.choice(WORDS) for _ in range(gap_words))
         lines.append(f"{rng.choice(['Say it back', 'Repeat after me', 'Echo'])}: {said}.{gap} {said}.")
