@@ -60,3 +60,37 @@ def test_a_curriculum_category_no_conversation_has_is_refused_by_name(base, tmp_
     with pytest.raises(InputError, match=r"sft.curriculum_categories \['facts'\]: no sft conversation"):
         sft.finetune(cfg, base, CONVERSATIONS, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_loss_weighs_every_conversation_the_same_not_every_token(base, tmp_path, one_thread):
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    tokenizer, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
+    long_reply = {"messages": [{"role": "user", "content": "Add 2 and 3."},
+                               {"role": "assistant", "content": "2 plus 3 is 5, and 5 plus 5 is 10, and so on."}]}
+    verdict = {"messages": [{"role": "user", "content": "Which is better?"}, {"role": "assistant", "content": "A"}]}
+    args = SFTConfig(output_dir=str(tmp_path / "ckpt"), assistant_only_loss=True, per_device_train_batch_size=2,
+                     use_cpu=True, report_to=[], max_steps=1, activation_checkpointing=False)
+    trainer = sft.conversation_mean_trainer()(model=model, args=args, processing_class=tokenizer,
+                                              train_dataset=datasets.Dataset.from_list([long_reply, verdict]))
+    batch = next(iter(trainer.get_train_dataloader()))
+    long_row = int((batch["labels"] != -100).sum(1).argmax())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(20):  # the long reply learnt, the verdict not: the two means now differ by a lot
+        model(input_ids=batch["input_ids"][long_row:long_row + 1], labels=batch["labels"][long_row:long_row + 1]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch)).item()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels.clamp(min=0), reduction="none")
+    nll = nll * (labels != -100)
+    tokens = (labels != -100).sum(1)
+    per_conversation = nll.sum(1) / tokens
+    assert tokens.min() <= 3 < tokens.max()  # a one-letter verdict (and its end token) beside a long reply
+    assert loss == pytest.approx(per_conversation.mean().item(), rel=1e-4)
+    assert loss > 1.5 * (nll.sum() / tokens.sum()).item()  # TRL's token mean hides the unlearnt verdict
