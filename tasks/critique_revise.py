@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from constitutions.schema import Constitution
 from data.roles import critique_prompt, revision_prompt
 from tasks import store
-from tasks.feedback import FeedbackConfig, open_feedback
+from tasks.feedback import FeedbackConfig, open_feedback, preference_for_first
 from tasks.shards import run_shards, shard_seed
 
 
@@ -27,6 +27,9 @@ class CritiqueReviseConfig(BaseModel):
     max_prompts: int | None = Field(None, ge=1, description="cap on red-team prompts (None: all training ones)")
     response_temperature: float = Field(1.0, ge=0)
     feedback_temperature: float = Field(0.0, ge=0, description="0 = greedy critiques and revisions")
+    keep_preferred: bool = Field(False, description="keep a revision only where the feedback model, asked a "
+                                                    "preference principle in both option orders, prefers it to the "
+                                                    "response it revises")
     max_new_tokens: int = Field(96, ge=1)
     shard_size: int = Field(64, ge=1)
     seed: int = 0
@@ -69,8 +72,14 @@ def critique_and_revise(cfg: CritiqueReviseConfig, constitution: Constitution, p
                     [revision_prompt(p, r, c, pr.revision) for p, r, c, pr in zip(texts, current, critiques, principles)],
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.feedback_temperature,
                     seed=shard_seed(cfg.seed, number) + 2 + 2 * round_number)
-                for trace, principle, critique, revision in zip(traces, principles, critiques, revisions):
+                preferred = [None] * len(batch)
+                if cfg.keep_preferred:
+                    questions = [rng.choice(constitution.preference).text for _ in batch]
+                    preferred = preference_for_first(feedback, texts, revisions, current, questions)
+                for trace, principle, critique, revision, p in zip(traces, principles, critiques, revisions, preferred):
                     trace["rounds"].append({"principle": principle.id, "critique": critique, "revision": revision})
+                    if p is not None:
+                        trace["rounds"][-1] |= {"p_revision_preferred": round(p, 6), "kept": p > 0.5}
             for trace in traces:
                 trace["final"] = latest_response(trace)
             return traces
@@ -78,20 +87,23 @@ def critique_and_revise(cfg: CritiqueReviseConfig, constitution: Constitution, p
         traces = run_shards(out_dir, chosen, cfg.shard_size, work, step="critique_revise")
     changed = sum(t["final"].strip() != t["initial"].strip() for t in traces)
     empty = sum(not r["revision"].strip() for t in traces for r in t["rounds"])
+    judged = [r["kept"] for t in traces for r in t["rounds"] if "kept" in r]
     return {
         "prompts": len(traces),
         "red_team_prompts": sum(t["kind"] == "harmful" for t in traces),
         "revised_share": round(changed / max(len(traces), 1), 4),
         "empty_revisions": empty,
+        **({"revisions_rejected": sum(not k for k in judged)} if judged else {}),
         "mean_initial_chars": round(sum(len(t["initial"]) for t in traces) / max(len(traces), 1), 1),
         "mean_final_chars": round(sum(len(t["final"]) for t in traces) / max(len(traces), 1), 1),
     }
 
 
 def latest_response(trace: dict) -> str:
-    """The last non-empty revision, else the first response: a revision that says nothing revises nothing (an
-    undertrained feedback model can end its turn at once). The trace keeps every revision as it came."""
-    revisions = [r["revision"] for r in trace["rounds"] if r["revision"].strip()]
+    """The last non-empty revision the feedback model did not reject, else the first response: a revision that says
+    nothing revises nothing (an undertrained feedback model can end its turn at once). The trace keeps every
+    revision as it came."""
+    revisions = [r["revision"] for r in trace["rounds"] if r["revision"].strip() and r.get("kept", True)]
     return revisions[-1] if revisions else trace["initial"]
 
 

@@ -107,6 +107,30 @@ def option_logprob(top: Sequence[tuple[str, float]], option: str) -> float:
     return min(min(lp for _, lp in top), math.log(rest) if rest > 0 else -math.inf)
 
 
+def option_probability(logprobs: list[float]) -> list[float]:
+    """softmax over the option tokens' log-probabilities: the judge's choice renormalised to the options."""
+    top = max(logprobs)
+    weights = [math.exp(lp - top) for lp in logprobs]
+    return [w / sum(weights) for w in weights]
+
+
+def averaged_label(p_a_first: float, p_a_second: float) -> float:
+    """p = (P(A | A first) + P(A | A second)) / 2: the position-debiased soft label."""
+    return (p_a_first + p_a_second) / 2
+
+
+def preference_for_first(judge, prompts: list[str], first: list[str], second: list[str],
+                         questions: list[str]) -> list[float]:
+    """P(first response better) per prompt: the judge asked with first as option A, then as option B, averaged."""
+    from data.roles import OPTIONS, comparison_prompt
+
+    as_a = judge.option_logprobs([comparison_prompt(p, f, s, q) for p, f, s, q in zip(prompts, first, second, questions)],
+                                 options=OPTIONS)
+    as_b = judge.option_logprobs([comparison_prompt(p, s, f, q) for p, f, s, q in zip(prompts, first, second, questions)],
+                                 options=OPTIONS)
+    return [averaged_label(option_probability(a)[0], option_probability(b)[1]) for a, b in zip(as_a, as_b)]
+
+
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id)

@@ -11,7 +11,6 @@ Chain-of-thought mode (the paper's sec. 4.1 variant): the feedback model reasons
 read after its reasoning; such probabilities are overconfident, so they are clamped (to 0.4-0.6 by default).
 """
 
-import math
 import random
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from constitutions.schema import Constitution
 from data.roles import OPTIONS, comparison_prompt
 from tasks import store
-from tasks.feedback import FeedbackConfig, open_feedback
+from tasks.feedback import FeedbackConfig, averaged_label, open_feedback, option_probability
 from tasks.shards import run_shards, shard_seed
 
 COT_SUFFIX = "\nThink it through step by step first, then give your answer."
@@ -50,18 +49,6 @@ class LabelConfig(BaseModel):
 
     def effective_clamp(self) -> tuple[float, float] | None:
         return self.clamp or ((0.4, 0.6) if self.chain_of_thought else None)
-
-
-def option_probability(logprobs: list[float]) -> list[float]:
-    """softmax over the option tokens' log-probabilities: the judge's choice renormalised to the options."""
-    top = max(logprobs)
-    weights = [math.exp(lp - top) for lp in logprobs]
-    return [w / sum(weights) for w in weights]
-
-
-def averaged_label(p_a_first: float, p_a_second: float) -> float:
-    """p = (P(A | A first) + P(A | A second)) / 2: the position-debiased soft label."""
-    return (p_a_first + p_a_second) / 2
 
 
 def word_jaccard(a: str, b: str) -> float:

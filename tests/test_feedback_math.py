@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.label_preferences import LabelConfig, averaged_label, option_probability
+from tasks.feedback import averaged_label, option_probability
+from tasks.label_preferences import LabelConfig
 from tasks.reward_model import expected_calibration_error, soft_label_loss
 from tasks.rl import RLConfig, RLDiverged, guard
 
@@ -149,6 +150,30 @@ def test_an_empty_revision_keeps_the_response_it_was_to_revise():
     assert latest_response(trace("  ")) == "first answer"
     assert latest_response(trace("better", "")) == "better"
     assert latest_response(trace("better", "best")) == "best"
+
+
+def test_a_revision_the_judge_rejected_keeps_the_response_before_it():
+    from tasks.critique_revise import latest_response
+
+    rounds = [{"revision": "better", "kept": True}, {"revision": "worse", "kept": False}]
+    assert latest_response({"initial": "first answer", "rounds": rounds}) == "better"
+    assert latest_response({"initial": "first answer", "rounds": rounds[1:]}) == "first answer"
+
+
+def test_preference_for_the_first_response_asks_both_orders_and_averages_them():
+    from tasks.feedback import preference_for_first
+
+    class Judge:  # prefers whichever response says "sorry", with a pull of 0.2 towards option A
+        def option_logprobs(self, prompts, options):
+            rows = []
+            for prompt in prompts:
+                a_sorry = "Response (A): sorry" in prompt
+                p_a = min(0.95, (0.7 if a_sorry else 0.3) + 0.2)
+                rows.append([math.log(p_a), math.log(1 - p_a)])
+            return rows
+
+    p = preference_for_first(Judge(), ["q", "q"], ["sorry", "sure"], ["sure", "sorry"], ["Which is safer?"] * 2)
+    assert p == pytest.approx([(0.9 + 0.5) / 2, (0.5 + 0.1) / 2])  # position bias cancels: 0.7 and 0.3
 
 
 def test_sl_cai_refuses_traces_without_a_usable_response():

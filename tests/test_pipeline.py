@@ -1,6 +1,7 @@
 """The whole pipeline on the smoke preset: every step runs, a rerun reuses everything, and editing one constitution
 principle re-runs critique_revise and what follows it while reusing everything before."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,12 @@ def test_every_step_runs_and_reports_metrics(first_run):
     assert steps["reward_model"]["metrics"]["heldout_pairs"] > 0
     assert steps["rl"]["metrics"]["steps"] == 2
     assert steps["sft"]["metrics"]["curriculum_steps"] == 2  # facts and private values alone first
+    traces = [t for shard in sorted(Path(steps["critique_revise"]["path"]).glob("shards/*.jsonl"))
+              for t in map(json.loads, shard.read_text().splitlines())]
+    judged = [r for t in traces for r in t["rounds"]]
+    assert len(judged) == 20 and all(0 <= r["p_revision_preferred"] <= 1 for r in judged)  # every revision judged
+    assert steps["critique_revise"]["metrics"]["revisions_rejected"] == sum(not r["kept"] for r in judged)
+    assert all(t["final"] == t["initial"] for t in traces if not t["rounds"][0]["kept"])  # rejected: not used
     assert "heldout_entity/compliance" in steps["evaluate_rl"]["metrics"]
     assert len(steps["pretrain_multimodal"]["metrics"]["expert_loads"]) == 4  # router loads of its 4 MoE layers
     assert steps["sft_multimodal"]["metrics"]["steps"] == 4
