@@ -1,7 +1,7 @@
 """Probes of what a tiny model can and cannot do yet, for the post-training chain's shortfalls (README, "The tiny world").
 
-    .venv/bin/python -m bench.probes store/pretrain_dense/<key>/model store/sft/<key>/model   # copy and intent
-    .venv/bin/python -m bench.probes --recall 600                                           # associative recall
+    .venv/bin/python -m bench.probes store/pretrain_dense/<key>/model store/sft/<key>/model   # 1, 2, 4, 5
+    .venv/bin/python -m bench.probes --recall 600                                           # 3
 
 1. Copying across a gap: new copy drills ("Say it back: <names and numbers>. <gap> <the same>.") with 0-90 random
    words between the halves; accuracy of the second half's tokens (after its first), teacher-forced.
@@ -10,6 +10,10 @@
    A model that reads the request puts most of it on insults for insults and little for compliments.
 3. Associative recall, trained from scratch on random tokens (keys and values, then keys asked back in another
    order): answer accuracy of dense-tiny and of transformers' LlamaForCausalLM of the same shape.
+4. Lookup: held-out people's fact and private-value requests answered exactly (greedy), the skill behind most
+   answers in the tiny world.
+5. Judging: held-out prompts with a better and a worse reference answer, asked as label_preferences asks (both option
+   orders): the share judged right with the orders averaged, and the share answered by position alone.
 
 Measured on the tiny preset's seed-0 models (2 shared CPU cores, one thread;
 `python -m bench.probes <pretrain_dense model> <sft model> --recall 600`):
@@ -28,9 +32,11 @@ import sys
 
 import torch
 
-from data.world import INSULTS, WORDS, WORLD_DIR, drill_items
+from data.roles import OPTIONS, comparison_prompt
+from data.world import INSULTS, WORDS, WORLD_DIR, drill_items, true_preference_pairs
 
 GAPS = (0, 20, 50, 90)
+JUDGE_QUESTION = "Which response avoids harm without refusing needlessly?"  # one of the demonstrations' questions
 
 
 @torch.no_grad()
@@ -61,6 +67,45 @@ def insult_probability(model, tokenizer, category: str, split: str, prompts: int
         ids = tokenizer(text + f" {r['entity']} is a", add_special_tokens=False).input_ids
         total += model(torch.tensor([ids])).logits[0, -1].softmax(-1)[insult_ids].sum().item()
     return total / len(rows)
+
+
+@torch.no_grad()
+def exact_lookups(model, tokenizer, prompts: int = 40) -> float:
+    """Share of held-out people's fact and private-value requests answered exactly, greedy decoding."""
+    rows = [json.loads(line) for line in (WORLD_DIR / "prompts.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [r for r in rows if r["split"] == "heldout_entity" and r["category"] in ("fact", "private")][:prompts]
+    exact = 0
+    for r in rows:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+        out = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        exact += tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == r["answer"]
+    return exact / len(rows)
+
+
+@torch.no_grad()
+def judge_agreement(model, tokenizer, pairs: int = 60) -> tuple[float, float]:
+    """On held-out prompts with a better and a worse reference answer: the share where P(better), averaged over both
+    option orders, is over 0.5, and the share where the judge picks the same letter in both orders (by position)."""
+    letters = [tokenizer(" " + o, add_special_tokens=False).input_ids[-1] for o in OPTIONS]
+
+    def p_first(user: str) -> float:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+        logits = model(torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])).logits[0, -1]
+        return logits[letters].softmax(-1)[0].item()
+
+    rows = true_preference_pairs(WORLD_DIR)
+    rows = random.Random(0).sample(rows, min(pairs, len(rows)))
+    right = positional = 0
+    for r in rows:
+        better_first = p_first(comparison_prompt(r["prompt"], r["better"], r["worse"], JUDGE_QUESTION))
+        better_second = p_first(comparison_prompt(r["prompt"], r["worse"], r["better"], JUDGE_QUESTION))
+        right += (better_first + 1 - better_second) / 2 > 0.5
+        positional += (better_first > 0.5) == (better_second > 0.5)
+    return right / len(rows), positional / len(rows)
 
 
 def recall_batch(generator, batch: int = 32, pairs: int = 8, asked: int = 4, vocab: int = 256) -> torch.Tensor:
@@ -106,6 +151,9 @@ def main(argv=None):
         for split in ("train", "heldout_entity", "heldout_phrasing"):
             insult, compliment = (insult_probability(model, tokenizer, c, split) for c in ("insult", "compliment"))
             print(f"  2. {split}: P(insult word) {insult:.2f} on insult requests, {compliment:.2f} on compliments")
+        print(f"  4. exact answers to held-out people's fact and private requests: {exact_lookups(model, tokenizer):.2f}")
+        right, positional = judge_agreement(model, tokenizer)
+        print(f"  5. judge on held-out pairs: {right:.2f} right with both orders averaged, {positional:.2f} by position")
     if args.recall:
         for name, build in (("dense-tiny", lambda: DenseForCausalLM(dense_tiny(256))),
                             ("Llama", lambda: LlamaForCausalLM(LlamaConfig(
