@@ -23,6 +23,10 @@ Measured on the tiny preset's seed-0 models (2 shared CPU cores, one thread;
 2. sft: 0.94 on insult requests, 0.09 on compliments (training phrasings; held-out people 0.94 / 0.02, new phrasings
    0.40 / 0.24). Before insult answers began with one fixed insult: 0.52-0.53 for both.
 3. dense-tiny 0.01, Llama 0.01 after 600 steps (1,000 steps of Llama in a scratch run: 0.00).
+4. sft: 0.05 (0.025 with the loss averaged over tokens); 1,000 steps of sft on facts and private values alone, in a
+   scratch loop: 0.80.
+5. sft: 0.85 right, 0.17 by position; sl_cai: 0.88 / 0.20. With the loss averaged over tokens: sft 0.62 / 0.95,
+   sl_cai 0.65 / 0.98.
 """
 
 import argparse
