@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from data.roles import OPTIONS, comparison_prompt
 from tasks.store import InputError
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,6 @@ def averaged_label(p_a_first: float, p_a_second: float) -> float:
 def preference_for_first(judge, prompts: list[str], first: list[str], second: list[str],
                          questions: list[str]) -> list[float]:
     """P(first response better) per prompt: the judge asked with first as option A, then as option B, averaged."""
-    from data.roles import OPTIONS, comparison_prompt
-
     as_a = judge.option_logprobs([comparison_prompt(p, f, s, q) for p, f, s, q in zip(prompts, first, second, questions)],
                                  options=OPTIONS)
     as_b = judge.option_logprobs([comparison_prompt(p, s, f, q) for p, f, s, q in zip(prompts, first, second, questions)],
