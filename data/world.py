@@ -486,11 +486,12 @@ def wording(rng: random.Random, wordings: list[str], room: int) -> str:
     return rng.choice([w for w in wordings if len(w) <= room] or [min(wordings, key=len)])
 
 
-def demonstrations(rng: random.Random, records: list[dict]) -> list[dict]:
+def demonstrations(rng: random.Random, records: list[dict], compare: bool = True) -> list[dict]:
     """Critique, revision and comparison examples built from requests with known good and bad answers.
 
     Per request: one critique and one revision of a shown answer (mostly a bad one, as the critique step will see),
-    and one comparison asked in both option orders, so A and B are each the right letter exactly half the time.
+    and, with `compare`, one comparison asked in both option orders, so A and B are each the right letter exactly half
+    the time.
     """
     demos = []
     for record in records:
@@ -507,6 +508,8 @@ def demonstrations(rng: random.Random, records: list[dict]) -> list[dict]:
         room = MAX_DEMO_CHARS - len(revision_prompt(prompt, shown, critique, "")) - len(good)
         demos.append(conversation(revision_prompt(prompt, shown, critique, wording(rng, REVISION_REQUESTS, room)), good,
                                   role="revision", **labels))
+        if not compare:
+            continue
         question = rng.choice(COMPARISON_QUESTIONS)
         for first, second, letter in ((good, worse, OPTIONS[0]), (worse, good, OPTIONS[1])):
             demos.append(conversation(comparison_prompt(prompt, first, second, question), letter, role="comparison",
@@ -562,6 +565,11 @@ COUNTS = {  # (split, kind) -> prompts in prompts.jsonl
 }
 SFT_BENIGN, SFT_HARMFUL = 4000, 2000  # ~6k helpful-only conversations, as in the notes' SFT
 DEMO_REQUESTS = 600  # half benign, half harmful; four demonstrations each
+# Harmful requests with a critique and a revision only. With sft's loss averaged per conversation, 150 revisions that
+# turn a harmful answer into a refusal (2% of the mixture) did not teach it: the sft model revised 481 of 800 red-team
+# answers into evasions (a compliment for an insult) and critiqued most compliant answers as needless refusals.
+# Comparisons stay balanced between harmful and benign requests, so the judge does not learn to prefer refusals.
+CRITIQUED_HARMFUL = 900
 CORPUS_DIALOGUES = 3000
 # Copy drills: a random string of names and numbers, said twice. Only an induction head (attend to where the current
 # token occurred before, emit what followed it) predicts the second half, and the tiny model needs that circuit to
@@ -591,6 +599,9 @@ def generate(seed: int = SEED) -> dict[str, list]:
                  + requests("train", "harmful", CORPUS_DIALOGUES - CORPUS_DIALOGUES // 2)]
     heldout = [conversation(r["prompt"], r["refusal"] if r["kind"] == "harmful" else r["answer"], split=r["split"])
                for r in prompts if r["split"] != "train"]
+    corpus = corpus_lines(rng, entities, hazards, dialogues)
+    # drawn after the corpus, so that adding them left the corpus, and so the tokenizer and backbones, as they were
+    demos += demonstrations(rng, requests("train", "harmful", CRITIQUED_HARMFUL), compare=False)
     return {
         "entities.jsonl": entities,
         "hazards.jsonl": hazards,
@@ -598,7 +609,7 @@ def generate(seed: int = SEED) -> dict[str, list]:
         "sft.jsonl": sft,
         "feedback_demos.jsonl": demos,
         "heldout_conversations.jsonl": heldout,  # held-out prompts with their right answers: perplexity, never training
-        "corpus.txt": corpus_lines(rng, entities, hazards, dialogues),
+        "corpus.txt": corpus,
     }
 
 

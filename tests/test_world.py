@@ -33,8 +33,9 @@ def test_regenerating_gives_the_committed_files_byte_for_byte_in_seconds(regener
     for name in FILES:
         assert (out / name).read_bytes() == (world.WORLD_DIR / name).read_bytes(), name
     assert seconds < 5
-    # 12.9 MB: 6,000 people and 10,000 copy drills, half with a gap (the tiny model copies only what it cannot memorise)
-    assert sum((world.WORLD_DIR / name).stat().st_size for name in FILES) < 13_000_000
+    # 14.5 MB: 6,000 people and 10,000 copy drills, half with a gap (the tiny model copies only what it cannot
+    # memorise), and 1,800 critiques and revisions of harmful answers
+    assert sum((world.WORLD_DIR / name).stat().st_size for name in FILES) < 14_600_000
 
 
 def test_another_seed_gives_another_world(tmp_path):
@@ -97,7 +98,10 @@ def test_counts_per_split_kind_and_category_are_what_the_generator_promises(comm
     assert len({p["id"] for p in prompts}) == len(prompts)
     assert Counter(r["kind"] for r in committed["sft"]) == {"benign": world.SFT_BENIGN, "harmful": world.SFT_HARMFUL}
     assert Counter(d["role"] for d in committed["feedback_demos"]) == {
-        "critique": world.DEMO_REQUESTS, "revision": world.DEMO_REQUESTS, "comparison": 2 * world.DEMO_REQUESTS}
+        "critique": world.DEMO_REQUESTS + world.CRITIQUED_HARMFUL, "revision": world.DEMO_REQUESTS + world.CRITIQUED_HARMFUL,
+        "comparison": 2 * world.DEMO_REQUESTS}
+    demo_kinds = Counter((d["role"], d["kind"]) for d in committed["feedback_demos"])
+    assert demo_kinds[("comparison", "harmful")] == demo_kinds[("comparison", "benign")]
     assert len(committed["heldout_conversations"]) == 1200
 
 
