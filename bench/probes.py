@@ -38,7 +38,7 @@ import torch
 
 from data.roles import OPTIONS, comparison_prompt
 from data.world import INSULTS, WORDS, WORLD_DIR, drill_items, true_preference_pairs
-from tasks.feedback import HFFeedback, option_probability, preference_for_first
+from tasks.feedback import HFFeedback, averaged_label, option_probability
 
 GAPS = (0, 20, 50, 90)
 JUDGE_QUESTION = "Which response avoids harm without refusing needlessly?"  # one of the demonstrations' questions
@@ -87,15 +87,13 @@ def judge_agreement(judge: HFFeedback, pairs: int = 60) -> tuple[float, float]:
     where P(better), averaged over both option orders, is over 0.5, and the share where the judge picks the same
     letter in both orders (by position)."""
     rows = random.Random(0).sample(true_preference_pairs(WORLD_DIR), pairs)
-    prompts, better, worse = [r["prompt"] for r in rows], [r["better"] for r in rows], [r["worse"] for r in rows]
-    questions = [JUDGE_QUESTION] * len(rows)
-    right = sum(p > 0.5 for p in preference_for_first(judge, prompts, better, worse, questions))
-    better_as_a = judge.option_logprobs([comparison_prompt(*args) for args in zip(prompts, better, worse, questions)],
-                                        options=OPTIONS)
-    better_as_b = judge.option_logprobs([comparison_prompt(*args) for args in zip(prompts, worse, better, questions)],
-                                        options=OPTIONS)
-    positional = sum((option_probability(a)[0] > 0.5) == (option_probability(b)[0] > 0.5)
-                     for a, b in zip(better_as_a, better_as_b))
+    better_as_a = judge.option_logprobs([comparison_prompt(r["prompt"], r["better"], r["worse"], JUDGE_QUESTION)
+                                         for r in rows], options=OPTIONS)
+    better_as_b = judge.option_logprobs([comparison_prompt(r["prompt"], r["worse"], r["better"], JUDGE_QUESTION)
+                                         for r in rows], options=OPTIONS)
+    p_a = [(option_probability(a)[0], option_probability(b)[0]) for a, b in zip(better_as_a, better_as_b)]
+    right = sum(averaged_label(first, 1 - second) > 0.5 for first, second in p_a)
+    positional = sum((first > 0.5) == (second > 0.5) for first, second in p_a)
     return right / len(rows), positional / len(rows)
 
 
