@@ -577,7 +577,8 @@ CORPUS_DIALOGUES = 3000
 # held-out drills); with 10,000 drills, 75% after 1,800 steps, and sft then copied held-out names. With the halves
 # always adjacent, the circuit it formed only looked a few tokens back (0.97 adjacent, 0.12-0.21 with 20-90 words
 # between) and sft never looked up a profile's value; half the drills now have 5-50 random words between the halves
-# (0.92 / 0.89 at 20 / 50 words), and 400 steps of sft on facts then answered 19 of 60 held-out people exactly, not 1.
+# (0.92 / 0.89 at 20 / 50 words). Looking a value up by its attribute needs a step past this circuit, which sft seldom
+# takes (README, "The tiny world").
 COPY_DRILLS = 10000
 
 

@@ -36,10 +36,11 @@ class FinetuneConfig(BaseModel):
 
 
 # Why a curriculum: in the tiny world, looking a value up by its attribute ("passcode" -> the number after it in the
-# profile) is learnt slowly and never among the whole mixture (600 to 1,578 steps: 2 of 40 held-out answers exact).
-# 400 steps on facts and private values alone learn it (19 of 60), and 600 steps of the mixture afterwards keep it
-# (19 of 40, a scratch loop without the feedback demonstrations). The tiny preset does not turn it on: 400 steps of
-# it before sft's 1,578 left 2 of 40 at the end, as without it (README, "The tiny world").
+# profile) is a step past the induction head pretraining forms, and the whole mixture never teaches it (1,200 to 1,914
+# steps: 1 to 5 of 40 held-out answers exact). On facts and private values alone it can form suddenly: one 1,000-step
+# run answered 56 of 60 held-out people, and that lookup survived 600 mixture steps (0.725); three more runs of the same
+# length stayed at 3 to 5 of 60. The stage is there to let such a circuit form, so it keeps its learning rate rather
+# than annealing it (the mixture warms up again after it). The tiny preset leaves it off (README, "The tiny world").
 CURRICULUM_DIR = "curriculum"
 
 # Why the loss is averaged per conversation by default: sft and sl_cai mix replies of ~15 tokens with feedback
@@ -80,19 +81,23 @@ def finetune(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir
                                    f"has one of these categories")
         stage_dir, done = out_dir / CURRICULUM_DIR, out_dir / CURRICULUM_DIR / "done.json"
         if not done.exists():
-            stage = train(cfg, base, first, stage_dir, f"{step} curriculum", max_steps=cfg.curriculum_steps)
+            stage = train(cfg, base, first, stage_dir, f"{step} curriculum", max_steps=cfg.curriculum_steps,
+                          lr_schedule="constant_with_warmup")
             done.write_text(json.dumps(stage))  # written after the model: a crash before it redoes the stage
         stage = json.loads(done.read_text())
         metrics = {"curriculum_examples": stage["examples"], "curriculum_steps": stage["steps"],
                    "curriculum_last_loss": stage["last_loss"]}
         base = stage_dir / "model"
     metrics = {**train(cfg, base, conversations, out_dir, step), **metrics}
+    stage_history = out_dir / CURRICULUM_DIR / "log_history.json"
+    if stage_history.exists():  # the curriculum's loss curve stays: a flat one says the lookup never formed
+        stage_history.replace(out_dir / "curriculum_log_history.json")
     shutil.rmtree(out_dir / CURRICULUM_DIR, ignore_errors=True)  # the output is the final model
     return metrics
 
 
 def train(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir: Path, step: str,
-          max_steps: int = -1) -> dict:
+          max_steps: int = -1, lr_schedule: str = "cosine") -> dict:
     """One SFTTrainer run from `base` on `conversations`: `epochs` over them, or `max_steps` when > 0."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
@@ -118,7 +123,7 @@ def train(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir: P
         max_length=cfg.max_length,
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type=lr_schedule,
         # Batches of similar length: drawn at random, a batch pads to its longest member (a 290-token feedback
         # demonstration among 100-token chats) and computes 2.26x the real tokens of the tiny world; grouped, 1.01x.
         train_sampling_strategy="group_by_length",

@@ -37,15 +37,28 @@ def test_curriculum_trains_its_categories_alone_then_the_mixture(base, tmp_path,
     assert not (tmp_path / "out" / sft.CURRICULUM_DIR).exists()
 
 
+def test_the_curriculum_keeps_its_learning_rate_and_the_mixture_anneals(base, tmp_path, one_thread):
+    import json
+
+    cfg = CFG.model_copy(update={"epochs": 3, "curriculum_steps": 12})  # the mixture: 3 epochs of 4 batches
+    sft.finetune(cfg, base, CONVERSATIONS, tmp_path / "out")
+    curriculum = json.loads((tmp_path / "out" / "curriculum_log_history.json").read_text())
+    mixture = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    rate = {name: next(h["learning_rate"] for h in history if h.get("step") == 10)
+            for name, history in (("curriculum", curriculum), ("mixture", mixture))}
+    assert rate["curriculum"] == pytest.approx(cfg.lr)  # step 10 of 12: still the full rate
+    assert rate["mixture"] < 0.2 * cfg.lr  # step 10 of 12 of the cosine: nearly annealed
+
+
 def test_a_crash_after_the_curriculum_resumes_without_redoing_it(base, tmp_path, one_thread, monkeypatch):
     calls = []
     real_train = sft.train
 
-    def crash_in_the_mixture(cfg, base, conversations, out_dir, step, max_steps=-1):
+    def crash_in_the_mixture(cfg, base, conversations, out_dir, step, **stage):
         calls.append(len(conversations))
         if len(conversations) == len(CONVERSATIONS) and len(calls) == 2:
             raise KeyboardInterrupt  # killed at the start of the second stage
-        return real_train(cfg, base, conversations, out_dir, step, max_steps)
+        return real_train(cfg, base, conversations, out_dir, step, **stage)
 
     monkeypatch.setattr(sft, "train", crash_in_the_mixture)
     with pytest.raises(KeyboardInterrupt):
