@@ -17,6 +17,13 @@ from tasks import store
 from tasks.progress import last_complete_checkpoint, trainer_callback
 
 
+class CurriculumStage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    categories: list[str] = Field(min_length=1, description="conversation categories this stage trains on alone")
+    steps: int = Field(ge=1, description="optimizer steps")
+
+
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -30,17 +37,17 @@ class FinetuneConfig(BaseModel):
     checkpoint_every: int = Field(200, ge=1, description="optimizer steps between resumable checkpoints")
     loss_average: Literal["conversation", "token"] = Field(
         "conversation", description="conversation: every conversation weighs the same; token: every answer token does")
-    curriculum_categories: list[str] = Field([], description="conversation categories trained alone first")
-    curriculum_steps: int = Field(0, ge=0, description="optimizer steps on curriculum_categories before the mixture")
+    curriculum: list[CurriculumStage] = Field([], description="stages trained in order before the mixture")
     seed: int = 0
 
 
-# Why a curriculum: in the tiny world, looking a value up by its attribute ("passcode" -> the number after it in the
-# profile) is a step past the induction head pretraining forms, and the whole mixture never teaches it (1,200 to 1,914
-# steps: 1 to 5 of 40 held-out answers exact). On facts and private values alone it can form suddenly: one 1,000-step
-# run answered 56 of 60 held-out people, and that lookup survived 600 mixture steps (0.725); three more runs of the same
-# length stayed at 3 to 5 of 60. The stage is there to let such a circuit form, so it keeps its learning rate rather
-# than annealing it (the mixture warms up again after it). The tiny preset leaves it off (README, "The tiny world").
+# Why a curriculum: in the tiny world every answer copies something from the prompt, and a skill that forms alone in a
+# few hundred steps does not form inside the whole mixture. Copying the number of "type the number 575": 200 steps on
+# copies alone answer 29 of 30 held-out prompts; 600 steps of the mixture, or of copies among facts, private values and
+# lists, 0 of 10. Looking a value up by its attribute ("passcode" -> the number after it in the profile), 1,000 steps on
+# facts and private values alone: 3 to 5 of 60 held-out people in three of four runs (56 in one); after the 200 steps of
+# copies, 54 of 60. A skill once formed survives the mixture (lookup 0.725 after 600 mixture steps). Each stage keeps its
+# learning rate rather than annealing it: it is there to let a circuit form, and the next stage warms up again.
 CURRICULUM_DIR = "curriculum"
 
 # Why the loss is averaged per conversation by default: sft and sl_cai mix replies of ~15 tokens with feedback
@@ -70,28 +77,31 @@ def conversation_mean_trainer():
 
 
 def finetune(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir: Path, step: str = "sft") -> dict:
-    """Fine-tune the model in `base` on `conversations` ({"messages": [...]}) and save it to out_dir/model: first
-    `curriculum_steps` on the curriculum categories alone when set, then `epochs` over all of them. A rerun after a
-    crash resumes whichever stage was cut short."""
-    metrics = {}
-    if cfg.curriculum_steps and cfg.curriculum_categories:
-        first = [c for c in conversations if c.get("category") in cfg.curriculum_categories]
-        if not first:
-            raise store.InputError(f"{step}.curriculum_categories {cfg.curriculum_categories}: no {step} conversation "
-                                   f"has one of these categories")
-        stage_dir, done = out_dir / CURRICULUM_DIR, out_dir / CURRICULUM_DIR / "done.json"
+    """Fine-tune the model in `base` on `conversations` ({"messages": [...]}) and save it to out_dir/model: first each
+    curriculum stage on its categories alone, in order, then `epochs` over all of them. A rerun after a crash resumes
+    whichever stage was cut short."""
+    alone = [[c for c in conversations if c.get("category") in stage.categories] for stage in cfg.curriculum]
+    for number, (stage, chosen) in enumerate(zip(cfg.curriculum, alone)):  # all checked before any stage trains
+        if not chosen:
+            raise store.InputError(f"{step}.curriculum[{number}].categories {stage.categories}: no {step} "
+                                   f"conversation has one of these categories")
+    stages = []
+    for number, (stage, chosen) in enumerate(zip(cfg.curriculum, alone)):
+        stage_dir = out_dir / CURRICULUM_DIR / str(number)
+        done = stage_dir / "done.json"
         if not done.exists():
-            stage = train(cfg, base, first, stage_dir, f"{step} curriculum", max_steps=cfg.curriculum_steps,
-                          lr_schedule="constant_with_warmup")
-            done.write_text(json.dumps(stage))  # written after the model: a crash before it redoes the stage
-        stage = json.loads(done.read_text())
-        metrics = {"curriculum_examples": stage["examples"], "curriculum_steps": stage["steps"],
-                   "curriculum_last_loss": stage["last_loss"]}
+            result = train(cfg, base, chosen, stage_dir, f"{step} curriculum {number + 1}/{len(cfg.curriculum)}",
+                           max_steps=stage.steps, lr_schedule="constant_with_warmup")
+            done.write_text(json.dumps(result))  # written after the model: a crash before it redoes the stage
+        stages.append({"categories": stage.categories, **json.loads(done.read_text())})
         base = stage_dir / "model"
-    metrics = {**train(cfg, base, conversations, out_dir, step), **metrics}
-    stage_history = out_dir / CURRICULUM_DIR / "log_history.json"
-    if stage_history.exists():  # the curriculum's loss curve stays: a flat one says the lookup never formed
-        stage_history.replace(out_dir / "curriculum_log_history.json")
+    metrics = train(cfg, base, conversations, out_dir, step)
+    if stages:
+        metrics["curriculum"] = stages
+    for number in range(len(stages)):  # each stage's loss curve stays: a flat one says its skill never formed
+        history = out_dir / CURRICULUM_DIR / str(number) / "log_history.json"
+        if history.exists():
+            history.replace(out_dir / f"curriculum_{number}_log_history.json")
     shutil.rmtree(out_dir / CURRICULUM_DIR, ignore_errors=True)  # the output is the final model
     return metrics
 

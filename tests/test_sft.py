@@ -1,5 +1,5 @@
-"""sft's curriculum: some categories trained alone first, then the whole mixture; a crash between the two stages
-resumes without redoing the first; a category no conversation has is refused by name."""
+"""sft's curriculum: stages of some categories trained alone, in order, then the whole mixture; a crash after a stage
+resumes without redoing it; a category no conversation has is refused by name."""
 
 import pytest
 
@@ -25,13 +25,18 @@ def chats(category: str, n: int) -> list[dict]:
             for i in range(n)]
 
 
-CONVERSATIONS = chats("fact", 6) + chats("list", 10)
-CFG = sft.FinetuneConfig(epochs=1, batch_size=4, curriculum_categories=["fact"], curriculum_steps=3)
+CONVERSATIONS = chats("fact", 6) + chats("copy", 2) + chats("list", 8)
+def stages(*specs) -> list[sft.CurriculumStage]:
+    return [sft.CurriculumStage(categories=categories, steps=steps) for categories, steps in specs]
 
 
-def test_curriculum_trains_its_categories_alone_then_the_mixture(base, tmp_path, one_thread):
+CFG = sft.FinetuneConfig(epochs=1, batch_size=4, curriculum=stages((["copy"], 2), (["fact"], 3)))
+
+
+def test_curriculum_trains_each_stage_alone_in_order_then_the_mixture(base, tmp_path, one_thread):
     metrics = sft.finetune(CFG, base, CONVERSATIONS, tmp_path / "out")
-    assert (metrics["curriculum_examples"], metrics["curriculum_steps"]) == (6, 3)
+    assert [(s["categories"], s["examples"], s["steps"]) for s in metrics["curriculum"]] == [(["copy"], 2, 2),
+                                                                                             (["fact"], 6, 3)]
     assert (metrics["examples"], metrics["steps"]) == (16, 4)  # one epoch of all 16 in batches of 4
     assert (tmp_path / "out" / "model" / "config.json").exists()
     assert not (tmp_path / "out" / sft.CURRICULUM_DIR).exists()
@@ -40,9 +45,9 @@ def test_curriculum_trains_its_categories_alone_then_the_mixture(base, tmp_path,
 def test_the_curriculum_keeps_its_learning_rate_and_the_mixture_anneals(base, tmp_path, one_thread):
     import json
 
-    cfg = CFG.model_copy(update={"epochs": 3, "curriculum_steps": 12})  # the mixture: 3 epochs of 4 batches
-    sft.finetune(cfg, base, CONVERSATIONS, tmp_path / "out")
-    curriculum = json.loads((tmp_path / "out" / "curriculum_log_history.json").read_text())
+    cfg = CFG.model_copy(update={"epochs": 3, "curriculum": stages((["fact"], 12))})
+    sft.finetune(cfg, base, CONVERSATIONS, tmp_path / "out")  # the mixture: 3 epochs of 4 batches
+    curriculum = json.loads((tmp_path / "out" / "curriculum_0_log_history.json").read_text())
     mixture = json.loads((tmp_path / "out" / "log_history.json").read_text())
     rate = {name: next(h["learning_rate"] for h in history if h.get("step") == 10)
             for name, history in (("curriculum", curriculum), ("mixture", mixture))}
@@ -56,21 +61,21 @@ def test_a_crash_after_the_curriculum_resumes_without_redoing_it(base, tmp_path,
 
     def crash_in_the_mixture(cfg, base, conversations, out_dir, step, **stage):
         calls.append(len(conversations))
-        if len(conversations) == len(CONVERSATIONS) and len(calls) == 2:
-            raise KeyboardInterrupt  # killed at the start of the second stage
+        if len(conversations) == len(CONVERSATIONS) and len(calls) == 3:
+            raise KeyboardInterrupt  # killed at the start of the mixture
         return real_train(cfg, base, conversations, out_dir, step, **stage)
 
     monkeypatch.setattr(sft, "train", crash_in_the_mixture)
     with pytest.raises(KeyboardInterrupt):
         sft.finetune(CFG, base, CONVERSATIONS, tmp_path / "out")
     metrics = sft.finetune(CFG, base, CONVERSATIONS, tmp_path / "out")
-    assert calls == [6, 16, 16]  # the curriculum ran once
-    assert metrics["curriculum_steps"] == 3 and metrics["steps"] == 4
+    assert calls == [2, 6, 16, 16]  # each curriculum stage ran once
+    assert [s["steps"] for s in metrics["curriculum"]] == [2, 3] and metrics["steps"] == 4
 
 
 def test_a_curriculum_category_no_conversation_has_is_refused_by_name(base, tmp_path):
-    cfg = CFG.model_copy(update={"curriculum_categories": ["facts"]})
-    with pytest.raises(InputError, match=r"sft.curriculum_categories \['facts'\]: no sft conversation"):
+    cfg = CFG.model_copy(update={"curriculum": stages((["copy"], 2), (["facts"], 3))})
+    with pytest.raises(InputError, match=r"sft.curriculum\[1\].categories \['facts'\]: no sft conversation"):
         sft.finetune(cfg, base, CONVERSATIONS, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
