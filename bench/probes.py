@@ -91,9 +91,10 @@ def judge_agreement(judge: HFFeedback, pairs: int = 60) -> tuple[float, float]:
                                          for r in rows], options=OPTIONS)
     better_as_b = judge.option_logprobs([comparison_prompt(r["prompt"], r["worse"], r["better"], JUDGE_QUESTION)
                                          for r in rows], options=OPTIONS)
-    p_a = [(option_probability(a)[0], option_probability(b)[0]) for a, b in zip(better_as_a, better_as_b)]
-    right = sum(averaged_label(first, 1 - second) > 0.5 for first, second in p_a)
-    positional = sum((first > 0.5) == (second > 0.5) for first, second in p_a)
+    p_a = [(option_probability(a)[0], option_probability(b)[0])  # P(A) with the better answer as A, then as B
+           for a, b in zip(better_as_a, better_as_b)]
+    right = sum(averaged_label(when_first, 1 - when_second) > 0.5 for when_first, when_second in p_a)
+    positional = sum((when_first > 0.5) == (when_second > 0.5) for when_first, when_second in p_a)
     return right / len(rows), positional / len(rows)
 
 
