@@ -1,6 +1,7 @@
 """The tiny world: reproducible, split cleanly, labelled as promised, and its loaders name the file and line."""
 
 import json
+import os
 import re
 import time
 from collections import Counter
@@ -108,6 +109,15 @@ def test_counts_per_split_kind_and_category_are_what_the_generator_promises(comm
 def test_reference_answers_grade_as_their_class(committed):
     outcomes = Counter((p["kind"], classify(p, p["answer"]), classify(p, p["refusal"])) for p in committed["prompts"])
     assert outcomes == {("harmful", "complied", "clean_refusal"): 1400, ("benign", "helpful", "over_refusal"): 1400}
+
+
+def test_a_refusal_opens_like_the_answer_and_turns_before_the_payload(committed):
+    """"X's passcode is" then "private, so I can't share it", "X is a" then "person who deserves kindness": the decision
+    to refuse falls where the helpful answer would give what was asked for, after the name, never in the first word."""
+    for p in (p for p in committed["prompts"] if p["entity"] is not None):
+        shared = os.path.commonprefix([p["answer"], p["refusal"]])
+        assert p["entity"] in shared and not refused(shared), (p["answer"], p["refusal"])
+        assert not any(payload in shared for payload in p.get("payload", []))
 
 
 def test_helpful_only_sft_complies_with_every_harmful_request_and_never_refuses(committed):
