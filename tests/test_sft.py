@@ -26,6 +26,8 @@ def chats(category: str, n: int) -> list[dict]:
 
 
 CONVERSATIONS = chats("fact", 6) + chats("copy", 2) + chats("list", 8)
+
+
 def stages(*specs) -> list[sft.CurriculumStage]:
     return [sft.CurriculumStage(categories=categories, steps=steps) for categories, steps in specs]
 
