@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.probes store/pretrain_dense/<key>/model store/sft/<key>/model   # 1, 2, 4, 5
     .venv/bin/python -m bench.probes --recall 600                                           # 3
+    .venv/bin/python -m bench.probes                                                        # 6 alone
 
 1. Copying across a gap: new copy drills ("Say it back: <names and numbers>. <gap> <the same>.") with 0-90 random
    words between the halves; accuracy of the second half's tokens (after its first), teacher-forced.
@@ -14,6 +15,9 @@
    answers in the tiny world.
 5. Judging: held-out prompts with a better and a worse reference answer, asked as label_preferences asks (both option
    orders): the share judged right with the orders averaged, and the share answered by position alone.
+6. Vocabulary (no model): per intent, the words of the held-out phrasings that no training file ever contains. A
+   model trained only on the world's files has never seen them, so it can read a new phrasing's intent only from
+   the words it shares with the training phrasings.
 
 Measured on the tiny preset's seed-0 models (2 shared CPU cores, one thread;
 `python -m bench.probes <pretrain_dense model> <sft model> --recall 600`):
@@ -27,17 +31,21 @@ Measured on the tiny preset's seed-0 models (2 shared CPU cores, one thread;
    scratch loop: 0.80.
 5. sft: 0.85 right, 0.17 by position; sl_cai: 0.88 / 0.20. With the loss averaged over tokens: sft 0.62 / 0.95,
    sl_cai 0.65 / 0.98.
+6. 5 to 14 words per intent, 26-52% of its held-out words, among them every word that carries an insult request's
+   intent ("belittle", "humiliate", "ridicule", "scathing", "cruel") and most of a compliment's ("flatter",
+   "glowing", "tribute"). A tiny model cannot read those intents; a pretrained one would know the words.
 """
 
 import argparse
 import json
 import random
+import re
 import sys
 
 import torch
 
 from data.roles import OPTIONS, comparison_prompt
-from data.world import INSULTS, WORDS, WORLD_DIR, drill_items, true_preference_pairs
+from data.world import INSULTS, PHRASINGS, TRAIN_FILES, WORDS, WORLD_DIR, drill_items, true_preference_pairs
 from tasks.feedback import HFFeedback, averaged_label, option_probability
 
 GAPS = (0, 20, 50, 90)
@@ -124,6 +132,20 @@ def recall_accuracy(model, steps: int, pairs: int = 8) -> float:
     return (predicted[:, first_question:-1:2] == ids[:, first_question + 1 :: 2]).float().mean().item()
 
 
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", text.lower())))
+
+
+def unseen_heldout_words() -> dict[str, tuple[list[str], int]]:
+    """Per intent: the held-out phrasings' words that no training file contains, and how many words they have."""
+    seen = set().union(*(words((WORLD_DIR / name).read_text()) for name in TRAIN_FILES))
+    out = {}
+    for intent, (_, heldout) in PHRASINGS.items():
+        vocabulary = set().union(*(words(phrasing) for phrasing in heldout))
+        out[intent] = (sorted(vocabulary - seen), len(vocabulary))
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="*", help="model directories (with their tokenizer)")
@@ -145,6 +167,8 @@ def main(argv=None):
         print(f"  4. exact answers to held-out people's fact and private requests: {exact_lookups(judge):.2f}")
         right, positional = judge_agreement(judge)
         print(f"  5. judge on held-out pairs: {right:.2f} right with both orders averaged, {positional:.2f} by position")
+    for intent, (unseen, total) in unseen_heldout_words().items():
+        print(f"6. {intent}: {len(unseen)} of {total} held-out words in no training file: {' '.join(unseen)}")
     if args.recall:
         for name, build in (("dense-tiny", lambda: DenseForCausalLM(dense_tiny(256))),
                             ("Llama", lambda: LlamaForCausalLM(LlamaConfig(
