@@ -36,7 +36,7 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"seed {seed}: the run failed (exit {done.returncode}); rerun it to resume from the cache")
-    return {step["step"]: step.get("metrics", {}) for step in json.loads(done.stdout)["steps"]}
+    return {step["name"]: step.get("metrics", {}) for step in json.loads(done.stdout)["steps"]}
 
 
 def value(metrics: dict, stage: str, split: str, name: str) -> float | None:
