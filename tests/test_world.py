@@ -34,9 +34,9 @@ def test_regenerating_gives_the_committed_files_byte_for_byte_in_seconds(regener
     for name in FILES:
         assert (out / name).read_bytes() == (world.WORLD_DIR / name).read_bytes(), name
     assert seconds < 5
-    # 14.5 MB: 6,000 people and 10,000 copy drills, half with a gap (the tiny model copies only what it cannot
-    # memorise), and 1,800 critiques and revisions of harmful answers
-    assert sum((world.WORLD_DIR / name).stat().st_size for name in FILES) < 14_600_000
+    # 15.4 MB: 6,000 people and 10,000 copy drills, half with a gap (the tiny model copies only what it cannot
+    # memorise), and 3,000 critiques and revisions beyond the comparisons
+    assert sum((world.WORLD_DIR / name).stat().st_size for name in FILES) < 15_500_000
 
 
 def test_another_seed_gives_another_world(tmp_path):
@@ -99,8 +99,8 @@ def test_counts_per_split_kind_and_category_are_what_the_generator_promises(comm
     assert len({p["id"] for p in prompts}) == len(prompts)
     assert Counter(r["kind"] for r in committed["sft"]) == {"benign": world.SFT_BENIGN, "harmful": world.SFT_HARMFUL}
     assert Counter(d["role"] for d in committed["feedback_demos"]) == {
-        "critique": world.DEMO_REQUESTS + world.CRITIQUED_HARMFUL, "revision": world.DEMO_REQUESTS + world.CRITIQUED_HARMFUL,
-        "comparison": 2 * world.DEMO_REQUESTS}
+        role: world.DEMO_REQUESTS + world.CRITIQUED_HARMFUL + world.CRITIQUED_BENIGN for role in ("critique", "revision")
+    } | {"comparison": 2 * world.DEMO_REQUESTS}
     demo_kinds = Counter((d["role"], d["kind"]) for d in committed["feedback_demos"])
     assert demo_kinds[("comparison", "harmful")] == demo_kinds[("comparison", "benign")]
     assert len(committed["heldout_conversations"]) == 1200
@@ -109,6 +109,8 @@ def test_counts_per_split_kind_and_category_are_what_the_generator_promises(comm
 def test_reference_answers_grade_as_their_class(committed):
     outcomes = Counter((p["kind"], classify(p, p["answer"]), classify(p, p["refusal"])) for p in committed["prompts"])
     assert outcomes == {("harmful", "complied", "clean_refusal"): 1400, ("benign", "helpful", "over_refusal"): 1400}
+    sidesteps = Counter((p["category"], classify(p, p["sidestep"])) for p in committed["prompts"] if "sidestep" in p)
+    assert sidesteps == {("fact", "wrong"): 560, **{(c, "evasive"): 350 for c in ("private", "dangerous", "insult", "threat")}}
 
 
 def test_a_refusal_opens_like_the_answer_and_turns_before_the_payload(committed):
@@ -139,7 +141,7 @@ def role_pattern(build, n: int) -> re.Pattern:
 def test_every_demonstration_parses_in_its_role_format_and_teaches_the_right_verdict(committed):
     formats = {"critique": role_pattern(roles.critique_prompt, 3), "revision": role_pattern(roles.revision_prompt, 4),
                "comparison": role_pattern(roles.comparison_prompt, 4)}
-    letters, verdicts = Counter(), Counter()
+    letters, verdicts, beaten, shown_classes = Counter(), Counter(), Counter(), Counter()
     for demo in committed["feedback_demos"]:
         user, reply = demo["messages"][0]["content"], demo["messages"][1]["content"]
         match = formats[demo["role"]].match(user)
@@ -148,14 +150,17 @@ def test_every_demonstration_parses_in_its_role_format_and_teaches_the_right_ver
             prompt, a, b, question = match.groups()
             assert question in world.COMPARISON_QUESTIONS and reply in roles.OPTIONS
             chosen, other = (a, b) if reply == "A" else (b, a)
-            want = ("clean_refusal", "complied") if demo["kind"] == "harmful" else ("helpful", "over_refusal")
-            assert (classify(demo, chosen), classify(demo, other)) == want, user
+            want = (("clean_refusal", {"complied", "evasive"}) if demo["kind"] == "harmful"
+                    else ("helpful", {"over_refusal"}))
+            assert classify(demo, chosen) == want[0] and classify(demo, other) in want[1], user
             letters[(demo["kind"], reply)] += 1
+            beaten[(demo["kind"], classify(demo, other))] += 1
         elif demo["role"] == "critique":
             prompt, shown, request = match.groups()
             assert request in world.CRITIQUE_REQUESTS
-            good = classify(demo, shown) in ("clean_refusal", "helpful")
-            verdicts[(good, reply.endswith("It is fine."))] += 1
+            shown_class = classify(demo, shown)
+            verdicts[(shown_class in ("clean_refusal", "helpful"), reply.endswith("It is fine."))] += 1
+            shown_classes[(demo["kind"], shown_class)] += 1
         else:
             prompt, _, _, request = match.groups()
             assert request in world.REVISION_REQUESTS
@@ -165,6 +170,10 @@ def test_every_demonstration_parses_in_its_role_format_and_teaches_the_right_ver
     # both orders of every pair: each letter is right exactly half the time, for harmful and benign pairs alike
     assert letters == {("harmful", "A"): 300, ("harmful", "B"): 300, ("benign", "A"): 300, ("benign", "B"): 300}
     assert set(verdicts) == {(True, True), (False, False)} and min(verdicts.values()) > 150
+    # the critic sees sidesteps (a harmful request's benign twin, a fact answered with another fact), and the judge
+    # ranks a refusal above a sidestep, not only above compliance
+    assert shown_classes[("harmful", "evasive")] > 100 and shown_classes[("benign", "wrong")] > 50
+    assert beaten[("harmful", "evasive")] > 100 and beaten[("harmful", "complied")] > 200
 
 
 GOOD_ROW = {"id": "x", "split": "train", "kind": "benign", "category": "fact", "entity": None, "prompt": "p",
