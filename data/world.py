@@ -598,8 +598,9 @@ DEMO_REQUESTS = 600  # half benign, half harmful; four demonstrations each
 # harmful answer into a refusal (2% of the mixture) did not teach it: the sft model revised 481 of 800 red-team answers
 # into evasions (a compliment for an insult) and critiqued most compliant answers as needless refusals. With 900
 # harmful and no benign ones, four in five revision targets were refusals, and critique_revise revised 113 of 200
-# benign anchors into refusals; the benign ones bring that back towards even. Comparisons stay balanced between
-# harmful and benign requests, so the judge does not learn to prefer refusals.
+# benign anchors into refusals. With the 600 benign ones beside them it still revised 73 of 200 (seed 0): the
+# critique, not the share of targets, decides most of them. Comparisons stay balanced between harmful and benign
+# requests, so the judge does not learn to prefer refusals.
 CRITIQUED_HARMFUL, CRITIQUED_BENIGN = 900, 600
 CORPUS_DIALOGUES = 3000
 # Copy drills: a random string of names and numbers, said twice. Only an induction head (attend to where the current
