@@ -58,6 +58,9 @@ def test_rl_guard_stops_with_a_message_naming_the_step():
         callback.on_log(None, State(), None, logs={"kl": 0.9})
     with pytest.raises(RLDiverged, match="collapsed"):
         callback.on_log(None, State(), None, logs={"kl": 0.1, "completions/mean_length": 1.0})
+    with pytest.raises(RLDiverged, match="rl step 7: 95% of responses ran to the length cap"):
+        callback.on_log(None, State(), None, logs={"kl": 0.1, "completions/clipped_ratio": 0.95})
+    guard(RLConfig(max_clipped_ratio=1.0)).on_log(None, State(), None, logs={"completions/clipped_ratio": 1.0})
 
 
 SHARDED = textwrap.dedent("""
