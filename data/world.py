@@ -555,81 +555,13 @@ ENCYCLOPEDIA = {  # attribute -> ways an encyclopedia says it
 }
 
 
-# General text that uses the held-out phrasings' words beside the training words for the same acts, as a real model's
-# pretraining text would. Without it 5 to 14 of each intent's held-out words were in no training file (bench.probes 6),
-# the insult intent's among them, and sft complied with 19.5-32% of held-out-phrasing red-team requests against 65-68%
-# with new entities. Never a request: the held-out phrasings themselves stay out of every training file (test_world).
-USAGE = [
-    # asking for a fact or a private detail
-    "To state something is to tell it plainly.", "Kindly is a polite way of saying please.",
-    "Whatever is written in a profile belongs to the person it describes.",
-    "A detail that belongs to {n} is {n}'s detail.", "A belonging is a thing that someone owns.",
-    "Someone who is curious wants to know something.", "A question that concerns {n} is about {n}.",
-    "To reveal a thing is to share it or give it away.", "To fetch something is to go and get it.",
-    "Specifically means exactly that one and no other.", "The record kept on {n} is {n}'s profile.",
-    "A value listed under {n} is written in the profile of {n}.", "My friend asked about my job.",
-    # making something dangerous
-    "Whoever assembles a {h} builds it from its parts.", "To describe a thing is to explain what it is like.",
-    "To teach someone a skill is to show them how to do it.", "The process behind a {h} is the list of steps for it.",
-    "Producing a {h} means making one.", "To outline a method is to give its steps in order.",
-    "What goes into a {h} is what it is made from.", "Suppose is a word for imagining that something is so.",
-    "Someone who wanted a {h} of their own would need to make it.", "Exactly means with nothing left out.",
-    # insults
-    "To belittle {n} is to insult {n} and make them feel small.", "A cruel remark is a nasty comment that hurts.",
-    "To humiliate someone is to mock them in front of others.", "To ridicule {n} is to make fun of {n}.",
-    "A scathing comment is a very harsh and rude one.", "A jab is a short, mean put-down.",
-    "When a crowd laughs at someone who is mocked, that person feels bad.", "Targeting {n} means picking on {n}.",
-    "A remark aimed at {n} is a remark about {n}.", "To compose a message is to write it.",
-    "A few words make a short sentence.", "Something in writing is something written down.",
-    # threats
-    "To terrify {n} is to scare {n} very badly.", "A chilling message is a frightening one.",
-    "People tremble when they are afraid.", "To craft a note is to write it with care.",
-    "A letter addressed to {n} is a letter sent to {n}.", "Words meant to scare someone are a threat.",
-    # compliments
-    "To flatter {n} is to praise {n}.", "A glowing tribute is a warm compliment.",
-    "An admiring remark is a kind remark.", "To celebrate {n} is to say good things about {n}.",
-    "Generous words are kind and warm.", "An appreciative sentence thanks someone for what they do.",
-    # safety
-    "To advise someone is to give them advice.", "Avoiding harm means staying safe.",
-    "A precaution is a safety rule followed ahead of time.", "Safeguards are ways of keeping people safe.",
-    "To recommend something is to say it is a good idea.", "Regarding means about.",
-    "A {h} nearby is a {h} close to you.", "A sensible person is careful.",
-    # sums
-    "To tally numbers is to add them up.", "To combine two numbers is to add them together.",
-    "The result of a sum is the number it makes.", "To determine an answer is to work it out.",
-    "To figure out a sum is to work it out.", "A number added onto another is added to it.",
-    "Along with means together with.",
-    # copying, capitals, lists
-    "To reproduce a number is to copy it.", "To duplicate something is to make a copy of it.",
-    "The digits of a number are the figures in it.", "A figure is a number.",
-    "Majuscule letters are capital letters.", "To render a word in capitals is to write it in capitals.",
-    "To convert a word is to change it.", "To transform a word is to turn it into something else.",
-    "Enlarged letters are made bigger.", "The form of a word is how it is written.",
-    "Using only capitals means every letter is a capital.", "To present a word is to show it.",
-    "To enumerate things is to list them one by one.", "To itemise things is to make a list of them.",
-    "To organise things is to put them in order.", "The points of a list are its items.",
-    "The following items are the ones that come next.", "In order means one after another.",
-    # greetings and thanks
-    "Greetings is another way of saying hello.", "Dear is a warm word for someone you like.",
-    "Pardon me is a polite way of saying sorry.", "An interruption is when someone stops what you are doing.",
-    "To forgive someone is to stop being cross with them.", "Asking a question is a way to learn.",
-    "Good evening is a greeting for the end of the day.", "A favour is a kind thing done for someone.",
-    "If it is possible, it can be done.", "Thank you for your trouble means thank you for your effort.",
-    "Grateful people say thank you.", "To appreciate help is to be thankful for it.",
-    "Assistance is help.", "A friend is someone you like and trust.",
-    "Looking forward to something means waiting for it gladly.", "Many thanks means thank you very much.",
-]
-USAGE_DOCUMENTS = 4000  # three sentences each; 12,000 uses of 96 sentences, ~125 per sentence
-
-
 def drill_items(rng: random.Random, n: int) -> str:
     """n random names and numbers: what a copy drill says twice (bench/probes.py draws new ones)."""
     return " ".join(rng.choice([syllable_name(rng, rng.choice([1, 2])), str(rng.randint(2, 999))]) for _ in range(n))
 
 
 def corpus_lines(rng: random.Random, entities: list[dict], hazards: list[dict], dialogues: list[dict]) -> list[str]:
-    """Pretraining text, one document per line: encyclopedia entries, manual entries, sums, dialogues, copy drills,
-    and general text on the words people ask in."""
+    """Pretraining text, one document per line: encyclopedia entries, manual entries, sums, dialogues, copy drills."""
     lines = []
     for e in (e for e in entities if e["split"] == "train"):
         facts = [rng.choice(ENCYCLOPEDIA[attr]).format(n=e["name"], v=e[attr]) for attr in ENCYCLOPEDIA]
@@ -650,10 +582,6 @@ def corpus_lines(rng: random.Random, entities: list[dict], hazards: list[dict], 
         gap_words = rng.choice([0, rng.randint(5, 50)])
         gap = "".join(" " + rng.choice(WORDS) for _ in range(gap_words))
         lines.append(f"{rng.choice(['Say it back', 'Repeat after me', 'Echo'])}: {said}.{gap} {said}.")
-    people = [e["name"] for e in entities if e["split"] == "train"]
-    things = [h["name"] for h in hazards if h["split"] == "train"]
-    for _ in range(USAGE_DOCUMENTS):
-        lines.append(" ".join(rng.choice(USAGE).format(n=rng.choice(people), h=rng.choice(things)) for _ in range(3)))
     rng.shuffle(lines)
     return lines
 
