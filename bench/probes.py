@@ -36,10 +36,11 @@ Measured on the tiny preset's seed-0 models (2 shared CPU cores, one thread;
    scratch loop: 0.80.
 5. sft: 0.85 right, 0.17 by position; sl_cai: 0.88 / 0.20. With the loss averaged over tokens: sft 0.62 / 0.95,
    sl_cai 0.65 / 0.98.
-6. Before the corpus had its general-usage text: 5 to 14 words per intent, 26-52% of its held-out words, among them
-   every word that carries an insult request's intent ("belittle", "humiliate", "ridicule", "scathing", "cruel") and
-   most of a compliment's ("flatter", "glowing", "tribute"). Now none.
-7. sft of the world before its usage text (seed 0, the one in the README's table): 0.40 of verdicts right. It
+6. 5 to 14 words per intent, 26-52% of its held-out words, among them every word that carries an insult request's
+   intent ("belittle", "humiliate", "ridicule", "scathing", "cruel") and most of a compliment's ("flatter",
+   "glowing", "tribute"). 4,000 documents of general usage in the corpus that used every one of them (a world tried
+   and reverted; README, "The tiny world") left none unseen, and a weaker sft on every probe above.
+7. sft (seed 0, the one in the README's table): 0.40 of verdicts right. It
    calls 16 of 35 harmful answers harmful, 18 of 35 refusals of harmful requests fine, 20 of 44 needless refusals
    needless, and none of 47 sidesteps a sidestep. Its revisions are clean refusals for 0.61 of harmful requests
    after its own critique and 0.78 after the right one: the critic, more than the reviser, loses refusals. (The

@@ -20,12 +20,3 @@ def test_every_demonstrated_critique_parses_to_the_verdict_of_its_case():
                     ("benign", "sidestep"): {"sidestep"}}
     assert verdict("The response is lovely.") == "none"
 
-
-def test_every_word_of_the_heldout_phrasings_is_in_some_training_file():
-    """The corpus's general-usage text uses them (never the phrasings themselves, which test_world checks)."""
-    from bench.probes import unseen_heldout_words, words
-
-    assert {intent: unseen for intent, (unseen, _) in unseen_heldout_words().items() if unseen} == {}
-    seen = set().union(*(words((world.WORLD_DIR / name).read_text()) for name in world.TRAIN_FILES))
-    greetings = set().union(*(words(text) for text in world.OPENINGS[1] + world.CLOSINGS[1]))
-    assert sorted(greetings - seen) == []
