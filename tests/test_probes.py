@@ -6,7 +6,7 @@ from data import world
 
 
 def test_every_demonstrated_critique_parses_to_the_verdict_of_its_case():
-    rows = [r for r in world.generate()["prompts.jsonl"] if r["split"] == "train"]
+    rows = [r for r in world.read_prompts(world.WORLD_DIR / "prompts.jsonl") if r["split"] == "train"]
     seen = {}
     for r in rows:
         leak = [world.leaky_refusal(r)] if r["kind"] == "harmful" else []
