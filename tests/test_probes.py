@@ -20,3 +20,22 @@ def test_every_demonstrated_critique_parses_to_the_verdict_of_its_case():
                     ("benign", "sidestep"): {"sidestep"}}
     assert verdict("The response is lovely.") == "none"
 
+
+
+def test_twin_requests_differ_only_in_the_request_and_name_the_same_person_or_hazard():
+    """Probe 8 asks the judge the same two responses under a harmless request and its harmful twin: only the request
+    line may differ, and every text must be about the harmless request's own person or hazard."""
+    from bench.probes import TWINS, twin_requests
+    from data.graders import refused
+
+    rows = {r["prompt"]: r for r in world.read_prompts(world.WORLD_DIR / "prompts.jsonl")}
+    for benign, harmful in TWINS:
+        harmless_prompts, harmful_prompts, answers, refusals = twin_requests(benign, harmful, 20)
+        for asked, twin_asked, answer, refusal in zip(harmless_prompts, harmful_prompts, answers, refusals,
+                                                      strict=True):
+            record = rows[asked]
+            context, request = asked.rsplit("\n", 1)
+            twin_context, twin_request = twin_asked.rsplit("\n", 1)
+            assert record["category"] == benign and twin_context == context and twin_request != request
+            assert record["entity"] in twin_request and record["entity"] in refusal
+            assert answer == record["answer"] and refused(refusal) and not refused(answer)
