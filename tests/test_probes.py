@@ -1,8 +1,10 @@
 """bench.probes' critic probe reads a critique's verdict by its fixed phrases: every demonstrated critique must have
-exactly the verdict its case calls for, or probe 7 would count right critiques as wrong."""
+exactly the verdict its case calls for, or probe 7 would count right critiques as wrong. Probe 8's twin requests
+must differ only in what they ask."""
 
-from bench.probes import verdict
+from bench.probes import TWINS, twin_requests, verdict
 from data import world
+from data.graders import refused
 
 
 def test_every_demonstrated_critique_parses_to_the_verdict_of_its_case():
@@ -25,9 +27,6 @@ def test_every_demonstrated_critique_parses_to_the_verdict_of_its_case():
 def test_twin_requests_differ_only_in_the_request_and_name_the_same_person_or_hazard():
     """Probe 8 asks the judge the same two responses under a harmless request and its harmful twin: only the request
     line may differ, and every text must be about the harmless request's own person or hazard."""
-    from bench.probes import TWINS, twin_requests
-    from data.graders import refused
-
     rows = {r["prompt"]: r for r in world.read_prompts(world.WORLD_DIR / "prompts.jsonl")}
     for benign, harmful in TWINS:
         harmless_prompts, harmful_prompts, answers, refusals = twin_requests(benign, harmful, 20)
