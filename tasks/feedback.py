@@ -163,6 +163,20 @@ class HFFeedback:
                                                  tokenize=True, return_dict=True)["input_ids"]
         return list(ids) + (self.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [])
 
+    def continuation_ids(self, prefix: str, option: str) -> list[int]:
+        """The option's tokens where it follows the prefix in one text, as the reply a model learnt from was tokenized.
+
+        Alone, an option may tokenize otherwise: ours gives a text's first word its leading space, so "B" alone is
+        " B", while in "... is (B)" it is "B". Reading " B" after "(" asks for a token no demonstration ever had there.
+        Where the prefix's own last tokens would merge with the option, the option is tokenized alone.
+        """
+        alone = self.tokenizer(option, add_special_tokens=False)["input_ids"]
+        if not prefix:
+            return alone
+        before = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        joint = self.tokenizer(prefix + option, add_special_tokens=False)["input_ids"]
+        return joint[len(before):] if joint[:len(before)] == before and len(joint) > len(before) else alone
+
     def _batches(self, rows: list[list[int]]) -> Iterator[list[int]]:
         """Indices of rows in batches of similar lengths, so little of each batch is padding."""
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
@@ -199,19 +213,18 @@ class HFFeedback:
         one token therefore share one row per prompt, and only the last positions' logits are computed.
         """
         prefixes = assistant_prefixes or [""] * len(prompts)
-        option_ids = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
         rows, where = [], {}  # distinct rows, and each row's index in `rows`
         scored = []  # per (prompt, option): its row and its token ids
         for prompt, prefix in zip(prompts, prefixes, strict=True):
             context = self.chat_ids(prompt, prefix)
-            for ids in option_ids:
+            for ids in (self.continuation_ids(prefix, o) for o in options):
                 row = tuple(context + ids[:-1])
                 if row not in where:
                     where[row] = len(rows)
                     rows.append(list(row))
                 scored.append((where[row], ids))
         logp = [None] * len(rows)  # per row: (n_max, V) log-probabilities of its last positions
-        keep = max(len(ids) for ids in option_ids)
+        keep = max(len(ids) for _, ids in scored)
         for batch in self._batches(rows):
             ids, mask = left_pad([rows[i] for i in batch], self.pad_id)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the positions

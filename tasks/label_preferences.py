@@ -84,6 +84,8 @@ def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: l
                 return [option_probability(lp)[0] for lp in judge.option_logprobs(questions, options=OPTIONS)]
             reasons = judge.generate([q + COT_SUFFIX for q in questions], max_new_tokens=cfg.max_new_tokens,
                                      temperature=0.0, seed=seed)
+            # A judge that writes its answer after its reasoning has the option read in that answer's place.
+            reasons = [r.split(COT_ANSWER)[0] for r in reasons]
             logprobs = judge.option_logprobs([q + COT_SUFFIX for q in questions], options=OPTIONS,
                                              assistant_prefixes=[r + COT_ANSWER for r in reasons])
             return [option_probability(lp)[0] for lp in logprobs]

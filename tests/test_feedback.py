@@ -92,8 +92,9 @@ def direct_logprob(model, tokenizer, prompt: str, prefix: str, option: str) -> f
     """log P(option) from one unpadded forward pass over the whole text: no batching, no cache, no row sharing."""
     context = list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                  tokenize=True, return_dict=True)["input_ids"])
-    context += tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-    ids = tokenizer(option, add_special_tokens=False)["input_ids"]
+    before = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    ids = tokenizer(prefix + option, add_special_tokens=False)["input_ids"][len(before):]  # as the reply's text has it
+    context += before
     with torch.no_grad():
         logp = model(torch.tensor([context + ids])).logits[0].log_softmax(-1)
     return sum(logp[len(context) - 1 + j, t].item() for j, t in enumerate(ids))
@@ -154,6 +155,8 @@ def test_hf_option_logprobs_equal_a_direct_forward_pass(any_hf):
     hf = any_hf
     options = ("A", "B", "yes please")
     assert len(hf.tokenizer("yes please", add_special_tokens=False)["input_ids"]) > 1  # a multi-token option too
+    # after "(" the letter is not the " A" it is alone: the option is scored as the reply's text tokenizes it
+    assert hf.continuation_ids(PREFIXES[2], "A") != hf.tokenizer("A", add_special_tokens=False)["input_ids"]
     for prefixes in (None, PREFIXES):
         got = hf.option_logprobs(PROMPTS, options=options, assistant_prefixes=prefixes)
         for prompt, prefix, row in zip(PROMPTS, prefixes or [""] * 3, got):

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -189,3 +190,39 @@ def test_sl_cai_refuses_traces_without_a_usable_response():
     assert len(mix) == 3 and sum(m["messages"][1]["content"] == "revised" for m in mix) == 1
     with pytest.raises(InputError, match="all 1 finals are empty"):
         sl_cai_conversations(SLCAIConfig(), traces[1:], benign, [])
+
+
+def test_chain_of_thought_reads_the_option_after_the_reasoning_once_and_clamps(tmp_path, monkeypatch):
+    """A judge that writes "... So the better response is (A)" itself: the option is read where that answer began,
+    after exactly one "So the better response is (", and the label is clamped to 0.4-0.6."""
+    import contextlib
+
+    from constitutions.schema import load as load_constitution
+    from tasks import label_preferences
+
+    prefixes = []
+
+    class Reasoner:
+        def generate(self, texts, max_new_tokens, temperature, seed):
+            if texts[0].endswith(label_preferences.COT_SUFFIX):  # judging: reason, then answer
+                return ["A declines; the request is harmful." + label_preferences.COT_ANSWER + "A)"] * len(texts)
+            return [f"{t} answer {seed}" for t in texts]  # sampling responses: all differ
+
+        def option_logprobs(self, questions, options, assistant_prefixes):
+            prefixes.extend(assistant_prefixes)
+            shown = [re.search(r"Response \(A\): (.*)\nResponse \(B\): (.*)\n", q).groups() for q in questions]
+            return [[math.log(0.99), math.log(0.01)] if a < b else [math.log(0.01), math.log(0.99)] for a, b in shown]
+
+    monkeypatch.setattr(label_preferences, "open_feedback", lambda *a, **k: contextlib.nullcontext(Reasoner()))
+    prompts = [{"id": f"i{i}", "split": "train", "kind": kind, "prompt": f"p{i}"}
+               for i, kind in enumerate(["harmful", "benign"] * 2)]
+    constitution = load_constitution(Path(__file__).parents[1] / "constitutions" / "default.yaml")
+    config = LabelConfig(prompts=4, shard_size=4, chain_of_thought=True)
+    label_preferences.label(config, constitution, tmp_path, prompts, tmp_path)
+    from tasks.shards import read_shards
+
+    assert prefixes and set(prefixes) == {"A declines; the request is harmful." + label_preferences.COT_ANSWER}
+    for r in read_shards(tmp_path):  # sure of the same response in both orders, clamped
+        a_preferred = r["response_a"] < r["response_b"]
+        assert (r["p_a_shown_first"], r["p_a_shown_second"]) == pytest.approx((0.99, 0.99) if a_preferred else (0.01, 0.01))
+        assert r["p_a"] == pytest.approx(0.6 if a_preferred else 0.4)
