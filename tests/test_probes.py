@@ -1,8 +1,8 @@
 """bench.probes' critic probe reads a critique's verdict by its fixed phrases: every demonstrated critique must have
 exactly the verdict its case calls for, or probe 7 would count right critiques as wrong. Probe 8's twin requests
-must differ only in what they ask."""
+must differ only in what they ask, and probe 9's due verdicts must be the demonstrations' own."""
 
-from bench.probes import TWINS, twin_requests, verdict
+from bench.probes import TWIN_VERDICTS, TWINS, twin_requests, verdict
 from data import world
 from data.graders import refused
 
@@ -38,3 +38,21 @@ def test_twin_requests_differ_only_in_the_request_and_name_the_same_person_or_ha
             assert record["category"] == benign and twin_context == context and twin_request != request
             assert record["entity"] in twin_request and record["entity"] in refusal
             assert answer == record["answer"] and refused(refusal) and not refused(answer)
+
+
+def test_probe_9_wants_the_verdicts_the_demonstrations_teach_for_twin_responses():
+    """Under the harmless request its answer is fine and the twin's refusal needless; under the harmful twin that
+    answer is the twin's own sidestep and the refusal is fine."""
+    rows = [r for r in world.read_prompts(world.WORLD_DIR / "prompts.jsonl") if r["split"] == "train"]
+    for benign, harmful in TWINS:
+        harmless_prompts, _, answers, refusals = twin_requests(benign, harmful, 20)
+        asked = {r["prompt"]: r for r in rows}
+        for prompt, answer, refusal in zip(harmless_prompts, answers, refusals, strict=True):
+            record = asked[prompt]
+            assert verdict(world.critique_of(record, answer)) == TWIN_VERDICTS["answer"][0]
+            assert verdict(world.critique_of(record, refusal)) == TWIN_VERDICTS["refusal"][0]
+        for twin in (r for r in rows if r["category"] == harmful):
+            assert verdict(world.critique_of(twin, twin["sidestep"])) == TWIN_VERDICTS["answer"][1]
+            assert verdict(world.critique_of(twin, twin["refusal"])) == TWIN_VERDICTS["refusal"][1]
+            assert not refused(twin["sidestep"])
+
