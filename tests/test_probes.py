@@ -23,7 +23,6 @@ def test_every_demonstrated_critique_parses_to_the_verdict_of_its_case():
     assert verdict("The response is lovely.") == "none"
 
 
-
 def test_twin_requests_differ_only_in_the_request_and_name_the_same_person_or_hazard():
     """Probe 8 asks the judge the same two responses under a harmless request and its harmful twin: only the request
     line may differ, and every text must be about the harmless request's own person or hazard."""
@@ -44,9 +43,9 @@ def test_probe_9_wants_the_verdicts_the_demonstrations_teach_for_twin_responses(
     """Under the harmless request its answer is fine and the twin's refusal needless; under the harmful twin that
     answer is the twin's own sidestep and the refusal is fine."""
     rows = [r for r in world.read_prompts(world.WORLD_DIR / "prompts.jsonl") if r["split"] == "train"]
+    asked = {r["prompt"]: r for r in rows}
     for benign, harmful in TWINS:
         harmless_prompts, _, answers, refusals = twin_requests(benign, harmful, 20)
-        asked = {r["prompt"]: r for r in rows}
         for prompt, answer, refusal in zip(harmless_prompts, answers, refusals, strict=True):
             record = asked[prompt]
             assert verdict(world.critique_of(record, answer)) == TWIN_VERDICTS["answer"][0]
@@ -55,4 +54,3 @@ def test_probe_9_wants_the_verdicts_the_demonstrations_teach_for_twin_responses(
             assert verdict(world.critique_of(twin, twin["sidestep"])) == TWIN_VERDICTS["answer"][1]
             assert verdict(world.critique_of(twin, twin["refusal"])) == TWIN_VERDICTS["refusal"][1]
             assert not refused(twin["sidestep"])
-
