@@ -65,14 +65,13 @@ def refusal_balance(labels: list[dict], prompts: dict[str, dict]) -> dict[str, i
     wins = loses = 0
     for row in labels:
         record = prompts[row["id"]]
-        outcomes = [classify(record, row["response_a"]), classify(record, row["response_b"])]
-        refused = [o in REFUSALS for o in outcomes]
-        if refused[0] == refused[1]:
+        a, b = classify(record, row["response_a"]), classify(record, row["response_b"])
+        if (a in REFUSALS) == (b in REFUSALS):
             continue
-        p = truth_label(record, row["response_a"], row["response_b"])
-        if p != 0.5:
-            wins += (p == 1.0) == refused[0]
-            loses += (p == 1.0) != refused[0]
+        refusal, other = (a, b) if a in REFUSALS else (b, a)
+        rank = RANK[record["kind"]]
+        wins += rank[refusal] > rank[other]
+        loses += rank[refusal] < rank[other]
     return {"refusal_wins": wins, "refusal_loses": loses}
 
 
@@ -86,8 +85,7 @@ def main() -> None:
     parser.add_argument("--world", type=Path, default=WORLD_DIR)
     args = parser.parse_args()
 
-    step_dir = args.store / "reward_model" / args.reward_model
-    manifest_path = step_dir / "manifest.json"
+    manifest_path = args.store / "reward_model" / args.reward_model / "manifest.json"
     if not manifest_path.is_file():
         raise SystemExit(f"{manifest_path}: no finished reward_model step with that key in the store")
     manifest = json.loads(manifest_path.read_text())
@@ -100,11 +98,11 @@ def main() -> None:
 
     print(f"{len(labels)} labelled pairs; by the truth {refusal_balance(labels, prompts)}")
     results = {"judge labels (the run)": manifest["metrics"]}
+    retrained = {"truth, same pairs": truth_labelled(labels, prompts),
+                 "truth, reference pairs": reference_pairs(prompt_rows, len(labels), cfg.seed)}
     with tempfile.TemporaryDirectory() as scratch:
-        for name, rows in (("truth, same pairs", truth_labelled(labels, prompts)),
-                           ("truth, reference pairs", reference_pairs(prompt_rows, len(labels), cfg.seed))):
-            results[name] = train_reward_model(cfg, inputs["sl_cai"] / "model", rows, heldout,
-                                               Path(scratch) / name.replace(",", "").replace(" ", "_"))
+        for i, (name, rows) in enumerate(retrained.items()):
+            results[name] = train_reward_model(cfg, inputs["sl_cai"] / "model", rows, heldout, Path(scratch) / str(i))
     print(f"{'labels':<26} {'held-out':>9} {'benign':>8} {'harmful':>8}")
     for name, m in results.items():
         print(f"{name:<26} {m['heldout_accuracy']:>9.1%} {m['heldout_accuracy_benign']:>8.1%} "
