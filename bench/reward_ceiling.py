@@ -1,4 +1,4 @@
-"""Is a run's reward model held back by its labels or by its pairs? Its head trained on the world's truth, two ways.
+"""Is a run's reward model held back by its labels or by its pairs? Its head trained on the world's truth, three ways.
 
 For one finished reward_model step, the same head on the same SL-CAI backbone with the same config is trained again:
 
@@ -6,8 +6,11 @@ For one finished reward_model step, the same head on the same SL-CAI backbone wi
                         answers apart, 0.5 where they do not
     truth, reference    as many training prompts' reference pairs (the world's answer against its refusal, the better
                         one shown first about half the time), labelled by the truth
+    judge + helpful     the run's own pairs and labels, with `--mix` harmless training prompts' answer against their
+                        needless refusal mixed in through `reward_model.mix_pairs`, labelled by the truth as human
+                        helpfulness comparisons would be: the paper's recipe (sec. 4.1), as a ceiling
 
-and both are scored like the run, on the held-out reference pairs, beside the run's own figures (the judge's labels).
+and each is scored like the run, on the held-out reference pairs, beside the run's own figures (the judge's labels).
 It also counts, by the truth, the pairs in which a refusal beats an answer (harmful requests) and those in which a
 needless refusal loses (harmless ones): a head shown the first far more often learns that refusing wins.
 
@@ -15,7 +18,7 @@ The graders label here only to measure a ceiling; they never feed the pipeline.
 
     .venv/bin/python -m bench.reward_ceiling --store runs/base --reward-model KEY
 
-Slow (two reward-model trainings, ~7 min each on two cores): outside CI by design.
+Slow (three reward-model trainings, ~4-7 min each on two cores): outside CI by design.
 """
 
 import argparse
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--reward-model", required=True, help="the key of a finished reward_model step in the store")
     parser.add_argument("--world", type=Path, default=WORLD_DIR)
+    parser.add_argument("--mix", type=int, default=400, help="helpfulness pairs mixed into the run's (0: skip)")
     args = parser.parse_args()
 
     manifest_path = args.store / "reward_model" / args.reward_model / "manifest.json"
@@ -98,11 +102,17 @@ def main() -> None:
 
     print(f"{len(labels)} labelled pairs; by the truth {refusal_balance(labels, prompts)}")
     results = {"judge labels (the run)": manifest["metrics"]}
-    retrained = {"truth, same pairs": truth_labelled(labels, prompts),
-                 "truth, reference pairs": reference_pairs(prompt_rows, len(labels), cfg.seed)}
+    retrained = {"truth, same pairs": (truth_labelled(labels, prompts), cfg),
+                 "truth, reference pairs": (reference_pairs(prompt_rows, len(labels), cfg.seed), cfg)}
     with tempfile.TemporaryDirectory() as scratch:
-        for i, (name, rows) in enumerate(retrained.items()):
-            results[name] = train_reward_model(cfg, inputs["sl_cai"] / "model", rows, heldout, Path(scratch) / str(i))
+        if args.mix:
+            helpful = Path(scratch) / "helpfulness.jsonl"
+            benign = [p for p in prompt_rows if p["kind"] == "benign"]
+            helpful.write_text("".join(json.dumps(row) + "\n" for row in reference_pairs(benign, args.mix, cfg.seed + 1)))
+            retrained[f"judge + {args.mix} helpful"] = (labels, cfg.model_copy(update={"mix_pairs": helpful}))
+        for i, (name, (rows, run_cfg)) in enumerate(retrained.items()):
+            results[name] = train_reward_model(run_cfg, inputs["sl_cai"] / "model", rows, heldout,
+                                               Path(scratch) / str(i))
     print(f"{'labels':<26} {'held-out':>9} {'benign':>8} {'harmful':>8}")
     for name, m in results.items():
         print(f"{name:<26} {m['heldout_accuracy']:>9.1%} {m['heldout_accuracy_benign']:>8.1%} "

@@ -76,6 +76,7 @@ def check_inputs(cfg: PipelineConfig, steps: list[str] | None) -> None:
     from constitutions.schema import load as load_constitution
     from data.world import WorldFileError, check_world
     from tasks.import_policy import check_policy
+    from tasks.reward_model import read_mixed_pairs
 
     run = needed(cfg, steps)
     if "import_policy" in run:
@@ -89,6 +90,8 @@ def check_inputs(cfg: PipelineConfig, steps: list[str] | None) -> None:
             raise InputError(str(e)) from None
     if run & {"critique_revise", "label_preferences"}:
         load_constitution(cfg.constitution)
+    if "reward_model" in run and cfg.reward_model.mix_pairs is not None:
+        read_mixed_pairs(cfg.reward_model.mix_pairs)
 
 
 @flow(name="alignflow", validate_parameters=False)

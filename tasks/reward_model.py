@@ -3,10 +3,15 @@
 The loss is the cross-entropy between the soft label p = P(A better) and the Bradley-Terry probability of the rewards
 (Constitutional AI, arXiv 2212.08073, sec. 4.1 trains its preference model on such soft targets). It runs under the HF
 Trainer unchanged: a collator stacks each batch's A and B responses, `compute_loss_func` reads the pairs back.
+
+`mix_pairs` adds a preference file of the user's to the AI labels, as the paper's preference model mixed human
+helpfulness comparisons with its AI harmlessness labels (sec. 4.1): pairs sampled from the SL-CAI policy seldom show a
+needless refusal losing, so a head trained on them alone learns that refusing wins (`bench.reward_ceiling`).
 """
 
 import json
 import math
+import random
 import shutil
 from pathlib import Path
 
@@ -27,7 +32,50 @@ class RewardConfig(BaseModel):
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(256, ge=16)
     checkpoint_every: int = Field(100, ge=1)
+    mix_pairs: Path | None = Field(None, description="a JSON Lines file of preference pairs trained on beside the AI "
+                                   "labels, e.g. human helpfulness comparisons; each line holds prompt, chosen and "
+                                   "rejected, or prompt, response_a, response_b and p_a (P(A better), 0 to 1)")
+    mix_limit: int | None = Field(None, ge=1, description="train on at most this many of mix_pairs (a seeded sample)")
     seed: int = 0
+
+
+def read_mixed_pairs(path: Path) -> list[dict]:
+    """The pairs of a `mix_pairs` file as labelled pairs {prompt, response_a, response_b, p_a}; a chosen/rejected line
+    is p_a = 1. A malformed line raises InputError naming `path:line`."""
+    from data.world import WorldFileError, read_jsonl
+
+    try:
+        rows = read_jsonl(Path(path), {"prompt": str})
+    except (WorldFileError, OSError) as e:
+        raise store.InputError(f"reward_model.mix_pairs: {e}") from None
+    pairs = []
+    for number, row in enumerate(rows, 1):
+        where = f"{path}:{number}"
+        if "chosen" in row or "rejected" in row:
+            texts = (row.get("chosen"), row.get("rejected"))
+            p_a = 1.0
+        elif {"response_a", "response_b", "p_a"} <= row.keys():
+            texts, p_a = (row["response_a"], row["response_b"]), row["p_a"]
+            if isinstance(p_a, bool) or not isinstance(p_a, (int, float)) or not 0 <= p_a <= 1:
+                raise store.InputError(f"{where}: p_a should be a number from 0 to 1, not {p_a!r}")
+        else:
+            raise store.InputError(f"{where}: a pair needs chosen and rejected, or response_a, response_b and p_a")
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            raise store.InputError(f"{where}: both responses should be non-empty strings")
+        pairs.append({"prompt": row["prompt"], "response_a": texts[0], "response_b": texts[1], "p_a": float(p_a)})
+    if not pairs:
+        raise store.InputError(f"{path}: no preference pairs in it")
+    return pairs
+
+
+def mixed_pairs(cfg: RewardConfig) -> list[dict]:
+    """The configured `mix_pairs`, sampled down to `mix_limit` with the step's seed; none when unset."""
+    if cfg.mix_pairs is None:
+        return []
+    pairs = read_mixed_pairs(cfg.mix_pairs)
+    if cfg.mix_limit is not None and cfg.mix_limit < len(pairs):
+        pairs = random.Random(cfg.seed).sample(pairs, cfg.mix_limit)
+    return pairs
 
 
 def soft_label_loss(r_a: torch.Tensor, r_b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -123,8 +171,10 @@ def train_reward_model(cfg: RewardConfig, base: Path, labels: list[dict], true_p
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
+    mixed = mixed_pairs(cfg)
     rows = [{"a": encode(tokenizer, r["prompt"], r["response_a"], cfg.max_length),
-             "b": encode(tokenizer, r["prompt"], r["response_b"], cfg.max_length), "p": r["p_a"]} for r in labels]
+             "b": encode(tokenizer, r["prompt"], r["response_b"], cfg.max_length), "p": r["p_a"]}
+            for r in labels + mixed]
     checkpoints = out_dir / "checkpoints"
     args = TrainingArguments(
         output_dir=str(checkpoints), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
@@ -143,7 +193,7 @@ def train_reward_model(cfg: RewardConfig, base: Path, labels: list[dict], true_p
     tokenizer.save_pretrained(out_dir / "model")
     shutil.rmtree(checkpoints)  # only a crashed run needs them
     (out_dir / "log_history.json").write_text(json.dumps(progress.history, indent=1))
-    return {"train_loss": round(result.training_loss, 4), "pairs": len(rows),
+    return {"train_loss": round(result.training_loss, 4), "pairs": len(rows), "mixed_pairs": len(mixed),
             **judge_true_pairs(trainer.model, tokenizer, true_pairs, cfg.max_length)}
 
 
@@ -154,7 +204,8 @@ def reward_model_task(cfg: RewardConfig, st: store.Store, sl_cai: store.StepRef,
     from tasks.shards import read_shards
 
     ref = st.run(
-        "reward_model", cfg, inputs=[sl_cai, labels], code=[__name__, "data"],
+        "reward_model", cfg, inputs=[sl_cai, labels], files=[cfg.mix_pairs] if cfg.mix_pairs else [],
+        code=[__name__, "data"],
         work=lambda out: train_reward_model(cfg, sl_cai.dir / "model", read_shards(labels.dir),
                                             true_preference_pairs(world_dir), out),
     )

@@ -2,6 +2,7 @@
 principle re-runs critique_revise and what follows it while reusing everything before."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -135,3 +136,102 @@ def test_a_bad_policy_directory_is_refused_before_any_step(tmp_path):
     assert proc.returncode == 2
     assert f"policy.model_dir {tmp_path / 'empty'}: no config.json there" in proc.stderr
     assert not (tmp_path / "store").exists()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_mixed_preference_pairs_rerun_the_reward_model_only(first_run, tmp_path):
+    tmp, _, history, _ = first_run  # the fixture's constitution is edited by another test; this is its content
+    mix = write_jsonl(tmp_path / "helpful.jsonl", [{"prompt": f"Say hello to Ann {i}.", "chosen": f" Hello, Ann {i}!",
+                                                    "rejected": " I can't help with that."} for i in range(5)])
+    cfg = load_config("smoke", [f"reward_model.mix_pairs={mix}"])
+    again = by_name(pipeline(cfg, Store(tmp / "store"), ["reward_model"]))  # rl follows from its new key
+    first = by_name(history)
+    assert {name for name, step in again.items() if step["state"] == "Completed"} == {"reward_model"}
+    assert all(step["key"] == first[name]["key"] for name, step in again.items() if step["state"] == "Cached")
+    metrics = again["reward_model"]["metrics"]
+    assert metrics["mixed_pairs"] == 5
+    assert metrics["pairs"] == first["reward_model"]["metrics"]["pairs"] + 5
+
+
+def test_the_reward_model_learns_the_mixed_pairs(first_run, tmp_path):
+    """Trained on mixed pairs alone, the head ranks new pairs of the same kind as they say, and the other way round
+    when the file says the opposite: the pairs, not the backbone, decide."""
+    from tasks.reward_model import RewardConfig, train_reward_model
+
+    _, _, history, _ = first_run
+    sl_cai = Path(by_name(history)["sl_cai"]["path"]) / "model"
+    names = ["Ann", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lu", "Mo", "Ned", "Oz", "Pia"]
+
+    def pairs(people):
+        return [{"prompt": f"Tell me {n}'s town.", "chosen": f" {n} lives in Dunmere.", "rejected": " I can't say."}
+                for n in people]
+
+    heldout = [{"prompt": p["prompt"], "better": p["chosen"], "worse": p["rejected"], "kind": "benign"}
+               for p in pairs(names[12:])]
+    accuracy = {}
+    for direction, rows in (("as written", pairs(names[:12])),
+                            ("reversed", [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs(names[:12])])):
+        mix = write_jsonl(tmp_path / f"{direction}.jsonl", rows)
+        cfg = RewardConfig(epochs=8, lr=1e-3, batch_size=4, mix_pairs=mix)
+        accuracy[direction] = train_reward_model(cfg, sl_cai, [], heldout, tmp_path / direction)["heldout_accuracy"]
+    assert accuracy == {"as written": 1.0, "reversed": 0.0}
+
+
+BAD_MIX = [
+    ('{"prompt": "p", "chosen": "a"}', "2: both responses should be non-empty strings"),
+    ('{"prompt": "p", "response_a": "a", "response_b": "b", "p_a": 1.5}', "2: p_a should be a number from 0 to 1, not 1.5"),
+    ('{"prompt": "p", "response_a": "a", "response_b": "b", "p_a": true}', "2: p_a should be a number from 0 to 1, not True"),
+    ('{"prompt": "p", "response_a": "a", "response_b": "b"}', "2: a pair needs chosen and rejected, or response_a"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "  "}', "2: both responses should be non-empty strings"),
+    ('{"chosen": "a", "rejected": "b"}', "2: missing field 'prompt'"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b"', "2: invalid JSON"),
+    ('["p", "a", "b"]', "2: expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), BAD_MIX)
+def test_a_malformed_mix_pairs_line_is_named(tmp_path, line, message):
+    from tasks.reward_model import read_mixed_pairs
+    from tasks.store import InputError
+
+    path = tmp_path / "mix.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n' + line + "\n")
+    with pytest.raises(InputError, match=re.escape(f"{path}:{message}")):
+        read_mixed_pairs(path)
+
+
+def test_mix_pairs_read_both_forms_and_sample_with_the_seed(tmp_path):
+    from tasks.reward_model import RewardConfig, mixed_pairs, read_mixed_pairs
+
+    path = write_jsonl(tmp_path / "mix.jsonl", [{"prompt": "p", "chosen": "good", "rejected": "bad"},
+                                                {"prompt": "q", "response_a": "x", "response_b": "y", "p_a": 0.25}])
+    assert read_mixed_pairs(path) == [{"prompt": "p", "response_a": "good", "response_b": "bad", "p_a": 1.0},
+                                      {"prompt": "q", "response_a": "x", "response_b": "y", "p_a": 0.25}]
+    many = write_jsonl(tmp_path / "many.jsonl", [{"prompt": str(i), "chosen": "a", "rejected": "b"} for i in range(50)])
+    first = mixed_pairs(RewardConfig(mix_pairs=many, mix_limit=10))
+    assert len(first) == 10 and first == mixed_pairs(RewardConfig(mix_pairs=many, mix_limit=10))
+    assert first != mixed_pairs(RewardConfig(mix_pairs=many, mix_limit=10, seed=1))
+    assert mixed_pairs(RewardConfig()) == []
+
+
+def test_run_refuses_a_malformed_mix_file_before_any_step(tmp_path):
+    from flows.pipeline import check_inputs
+    from tasks.store import InputError
+
+    bad = tmp_path / "mix.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n')
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--store",
+                           str(tmp_path / "store"), "--set", f"reward_model.mix_pairs={bad}"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{bad}:2: both responses should be non-empty strings" in proc.stderr
+    assert not (tmp_path / "store").exists()
+    (tmp_path / "empty.jsonl").write_text("")
+    for path, message in ((tmp_path / "empty.jsonl", f"{tmp_path / 'empty.jsonl'}: no preference pairs in it"),
+                          (tmp_path / "gone.jsonl", "reward_model.mix_pairs: [Errno 2]")):
+        with pytest.raises(InputError, match=re.escape(message)):
+            check_inputs(load_config("smoke", [f"reward_model.mix_pairs={path}"]), ["reward_model"])
