@@ -81,15 +81,19 @@ def test_the_ui_sees_cached_steps_progress_and_metric_tables(first_run):
     assert all(a["data"] == 100.0 for a in progress)  # every bar reached its end
 
 
+def refused_run(tmp_path: Path, setting: str) -> str:
+    """`alignflow run` on the smoke preset with one setting: it must exit 2 before any step starts. Its stderr."""
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--store",
+                           str(tmp_path / "store"), "--set", setting], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert not (tmp_path / "store").exists()
+    return proc.stderr
+
+
 def test_run_refuses_a_malformed_constitution_before_any_step(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: broken\ncritique_revision: []\npreference: []\n")
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--store",
-                           str(tmp_path / "store"), "--set", f"constitution={bad}"],
-                          capture_output=True, text=True, check=False)
-    assert proc.returncode == 2
-    assert f"{bad}:2: critique_revision must not be empty" in proc.stderr
-    assert not (tmp_path / "store").exists()
+    assert f"{bad}:2: critique_revision must not be empty" in refused_run(tmp_path, f"constitution={bad}")
 
 
 def test_every_preset_loads():
@@ -130,12 +134,8 @@ def test_any_local_causal_lm_directory_runs_the_whole_chain(tmp_path, tokenizer)
 
 def test_a_bad_policy_directory_is_refused_before_any_step(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--store",
-                           str(tmp_path / "store"), "--set", f"policy.model_dir={tmp_path / 'empty'}"],
-                          capture_output=True, text=True, check=False)
-    assert proc.returncode == 2
-    assert f"policy.model_dir {tmp_path / 'empty'}: no config.json there" in proc.stderr
-    assert not (tmp_path / "store").exists()
+    stderr = refused_run(tmp_path, f"policy.model_dir={tmp_path / 'empty'}")
+    assert f"policy.model_dir {tmp_path / 'empty'}: no config.json there" in stderr
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -224,12 +224,8 @@ def test_run_refuses_a_malformed_mix_file_before_any_step(tmp_path):
 
     bad = tmp_path / "mix.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n')
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--store",
-                           str(tmp_path / "store"), "--set", f"reward_model.mix_pairs={bad}"],
-                          capture_output=True, text=True, check=False)
-    assert proc.returncode == 2, proc.stderr
-    assert f"{bad}:2: both responses should be non-empty strings" in proc.stderr
-    assert not (tmp_path / "store").exists()
+    stderr = refused_run(tmp_path, f"reward_model.mix_pairs={bad}")
+    assert f"{bad}:2: both responses should be non-empty strings" in stderr
     (tmp_path / "empty.jsonl").write_text("")
     for path, message in ((tmp_path / "empty.jsonl", f"{tmp_path / 'empty.jsonl'}: no preference pairs in it"),
                           (tmp_path / "gone.jsonl", "reward_model.mix_pairs: [Errno 2]")):
