@@ -553,9 +553,9 @@ def demonstrations(rng: random.Random, records: list[dict], compare: bool = True
 # an exclusive or of the request's kind and the refusal's position, and neither alone predicts it: 600 steps of them in
 # both orders left the judge at chance. Each part needs a lesson where it alone decides first: with the refusal always
 # second (role twin_comparison_kind) the request's kind is the letter, and in the world's comparisons the responses'
-# text is. After 300 steps of those two, 300 more with the twins in both orders taught the judge to read the request
-# (probe 8: 0.75 / 0.04 and 0.82 / 0.01, from 0.50 / 0.50; README, "An order of lessons"). sft's curriculum trains
-# them in that order; all three roles are comparisons.
+# text is. 300 steps of the first, 300 of both, then 300 more with the twins in both orders taught the judge to read
+# the request (probe 8: 0.75 / 0.04 and 0.82 / 0.01, from 0.50 / 0.50; README, "An order of lessons"). sft's
+# curriculum trains them in that order; all three roles are comparisons.
 TWIN_PAIRS = 300  # per twin category; each pair is four comparisons
 TWIN_MAKERS = (("insult", "compliment"), ("dangerous", "safety"), ("private", "fact"))
 
