@@ -546,6 +546,43 @@ def demonstrations(rng: random.Random, records: list[dict], compare: bool = True
     return demos
 
 
+# Twin comparisons: one profile, one answer and one refusal, asked under a harmless request and under its harmful twin
+# (a compliment and an insult of the same person, safety advice and the steps for the same hazard, a public fact and a
+# private value), so that only the request decides which is better. The world's other comparisons can be ranked from
+# the responses' text alone, and a judge trained on them never read the request (README, probe 8). Here the letter is
+# an exclusive or of the request's kind and the refusal's position, and neither alone predicts it: 600 steps of them in
+# both orders left the judge at chance. Each part needs a lesson where it alone decides first: with the refusal always
+# second (role twin_comparison_kind) the request's kind is the letter, and in the world's comparisons the responses'
+# text is. 300 steps of the first, 300 of both, then 300 more with the twins in both orders taught the judge to read
+# the request (probe 8: 0.75 / 0.04 and 0.82 / 0.01, from 0.50 / 0.50; README, "An order of lessons"). sft's
+# curriculum trains them in that order; all three roles are comparisons.
+TWIN_PAIRS = 300  # per twin category; each pair is four comparisons
+TWIN_MAKERS = (("insult", "compliment"), ("dangerous", "safety"), ("private", "fact"))
+
+
+def twin_comparisons(rng: random.Random, entities: list[dict], hazards: list[dict], pairs: int) -> list[dict]:
+    makers = {maker.__name__.removesuffix("_request"): maker for maker in (*BENIGN_CYCLE, *HARMFUL_CYCLE)}
+    people = {e["name"]: e for e in entities if e["split"] == "train"}
+    dangers = {h["name"]: h for h in hazards if h["split"] == "train"}
+    demos = []
+    for harmful_category, benign_category in TWIN_MAKERS:
+        for _ in range(pairs):
+            harmful = makers[harmful_category](rng, list(people.values()), list(dangers.values()), "train")
+            same = ([people[harmful["entity"]]], []) if harmful["entity"] in people else ([], [dangers[harmful["entity"]]])
+            benign = makers[benign_category](rng, *same, "train")
+            question = rng.choice(COMPARISON_QUESTIONS)
+            for record in (harmful, benign):
+                labels = {"kind": "harmful" if record is harmful else "benign",
+                          **{key: record[key] for key in ("category", "entity", "payload", "expected") if key in record}}
+                shown = (benign["answer"], harmful["refusal"])  # the refusal second: the request's kind is the letter
+                letter = OPTIONS[1] if record is harmful else OPTIONS[0]
+                demos.append(conversation(comparison_prompt(record["prompt"], *shown, question), letter,
+                                          role="twin_comparison_kind", **labels))
+                demos.append(conversation(comparison_prompt(record["prompt"], *reversed(shown), question),
+                                          OPTIONS[1 - OPTIONS.index(letter)], role="twin_comparison", **labels))
+    return demos
+
+
 ENCYCLOPEDIA = {  # attribute -> ways an encyclopedia says it
     "town": ["{n} lives in {v}.", "{n} comes from {v}.", "The home town of {n} is {v}.", "{v} is where {n} lives."],
     "job": ["{n} works as a {v}.", "By trade, {n} is a {v}.", "{n} earns a living as a {v}.", "The job of {n} is {v}."],
@@ -637,6 +674,7 @@ def generate(seed: int = SEED) -> dict[str, list]:
     # drawn after the corpus, so that adding them left the corpus, and so the tokenizer and backbones, as they were
     demos += demonstrations(rng, requests("train", "harmful", CRITIQUED_HARMFUL)
                             + requests("train", "benign", CRITIQUED_BENIGN), compare=False)
+    demos += twin_comparisons(rng, entities, hazards, TWIN_PAIRS)
     return {
         "entities.jsonl": entities,
         "hazards.jsonl": hazards,
@@ -760,7 +798,9 @@ def benign_conversations(world_dir: Path) -> list[dict]:
 
 
 def feedback_demos(world_dir: Path) -> list[dict]:
-    return read_conversations(Path(world_dir) / "feedback_demos.jsonl")
+    """The feedback-role demonstrations, each with its role (sft's curriculum can pick by it)."""
+    rows = read_jsonl(Path(world_dir) / "feedback_demos.jsonl", {**CONVERSATION_FIELDS, "role": str})
+    return [{"messages": r["messages"], "role": r["role"]} for r in rows]
 
 
 def true_preference_pairs(world_dir: Path) -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks import store
 from tasks.progress import last_complete_checkpoint, trainer_callback
@@ -20,8 +20,18 @@ from tasks.progress import last_complete_checkpoint, trainer_callback
 class CurriculumStage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    categories: list[str] = Field(min_length=1, description="conversation categories this stage trains on alone")
+    categories: list[str] = Field([], description="conversation categories this stage trains on alone")
+    roles: list[str] = Field([], description="and feedback-demonstration roles")
     steps: int = Field(ge=1, description="optimizer steps")
+
+    @model_validator(mode="after")
+    def _selects_something(self):
+        if not self.categories and not self.roles:
+            raise ValueError("a curriculum stage needs categories or roles")
+        return self
+
+    def selects(self, conversation: dict) -> bool:
+        return conversation.get("category") in self.categories or conversation.get("role") in self.roles
 
 
 class FinetuneConfig(BaseModel):
@@ -80,11 +90,11 @@ def finetune(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir
     """Fine-tune the model in `base` on `conversations` ({"messages": [...]}) and save it to out_dir/model: first each
     curriculum stage on its categories alone, in order, then `epochs` over all of them. A rerun after a crash resumes
     whichever stage was cut short."""
-    alone = [[c for c in conversations if c.get("category") in stage.categories] for stage in cfg.curriculum]
+    alone = [[c for c in conversations if stage.selects(c)] for stage in cfg.curriculum]
     for number, (stage, chosen) in enumerate(zip(cfg.curriculum, alone)):  # all checked before any stage trains
         if not chosen:
-            raise store.InputError(f"{step}.curriculum[{number}].categories {stage.categories}: no {step} "
-                                   f"conversation has one of these categories")
+            raise store.InputError(f"{step}.curriculum[{number}]: no {step} conversation has one of the categories "
+                                   f"{stage.categories} or roles {stage.roles}")
     stages = []
     for number, (stage, chosen) in enumerate(zip(cfg.curriculum, alone)):
         stage_dir = out_dir / CURRICULUM_DIR / str(number)
@@ -93,7 +103,7 @@ def finetune(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir
             result = train(cfg, base, chosen, stage_dir, f"{step} curriculum {number + 1}/{len(cfg.curriculum)}",
                            max_steps=stage.steps, lr_schedule="constant_with_warmup")
             done.write_text(json.dumps(result))  # written after the model: a crash before it redoes the stage
-        stages.append({"categories": stage.categories, **json.loads(done.read_text())})
+        stages.append({"categories": stage.categories, "roles": stage.roles, **json.loads(done.read_text())})
         base = stage_dir / "model"
     metrics = train(cfg, base, conversations, out_dir, step)
     if stages:

@@ -1,5 +1,5 @@
-"""sft's curriculum: stages of some categories trained alone, in order, then the whole mixture; a crash after a stage
-resumes without redoing it; a category no conversation has is refused by name."""
+"""sft's curriculum: stages of some categories (or demonstration roles) trained alone, in order, then the whole
+mixture; a crash after a stage resumes without redoing it; a category no conversation has is refused by name."""
 
 import pytest
 
@@ -77,9 +77,23 @@ def test_a_crash_after_the_curriculum_resumes_without_redoing_it(base, tmp_path,
 
 def test_a_curriculum_category_no_conversation_has_is_refused_by_name(base, tmp_path):
     cfg = CFG.model_copy(update={"curriculum": stages((["copy"], 2), (["facts"], 3))})
-    with pytest.raises(InputError, match=r"sft.curriculum\[1\].categories \['facts'\]: no sft conversation"):
+    with pytest.raises(InputError, match=r"sft.curriculum\[1\]: no sft conversation has one of the categories "
+                                         r"\['facts'\] or roles \[\]"):
         sft.finetune(cfg, base, CONVERSATIONS, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stage_picks_demonstrations_by_role(base, tmp_path, one_thread):
+    demos = [{**c, "role": "twin_comparison_kind"} for c in chats("", 3)] + [{**c, "role": "comparison"} for c in chats("", 5)]
+    for c in demos:
+        del c["category"]
+    cfg = CFG.model_copy(update={"curriculum": [sft.CurriculumStage(roles=["twin_comparison_kind"], steps=1),
+                                                sft.CurriculumStage(categories=["copy"], roles=["comparison"], steps=1)]})
+    metrics = sft.finetune(cfg, base, CONVERSATIONS + demos, tmp_path / "out")
+    assert [(s["roles"], s["examples"]) for s in metrics["curriculum"]] == [(["twin_comparison_kind"], 3),
+                                                                           (["comparison"], 2 + 5)]
+    with pytest.raises(ValueError, match="a curriculum stage needs categories or roles"):
+        sft.CurriculumStage(steps=1)
 
 
 def test_the_loss_weighs_every_conversation_the_same_not_every_token(base, tmp_path, one_thread):

@@ -34,9 +34,9 @@ def test_regenerating_gives_the_committed_files_byte_for_byte_in_seconds(regener
     for name in FILES:
         assert (out / name).read_bytes() == (world.WORLD_DIR / name).read_bytes(), name
     assert seconds < 5
-    # 15.4 MB: 6,000 people and 10,000 copy drills, half with a gap (the tiny model copies only what it cannot
-    # memorise), and 3,000 critiques and revisions beyond the comparisons
-    assert sum((world.WORLD_DIR / name).stat().st_size for name in FILES) < 15_500_000
+    # 18.2 MB: 6,000 people and 10,000 copy drills, half with a gap (the tiny model copies only what it cannot
+    # memorise), 3,000 critiques and revisions beyond the comparisons, and 3,600 twin comparisons (2.8 MB)
+    assert sum((world.WORLD_DIR / name).stat().st_size for name in FILES) < 18_300_000
 
 
 def test_another_seed_gives_another_world(tmp_path):
@@ -100,10 +100,30 @@ def test_counts_per_split_kind_and_category_are_what_the_generator_promises(comm
     assert Counter(r["kind"] for r in committed["sft"]) == {"benign": world.SFT_BENIGN, "harmful": world.SFT_HARMFUL}
     assert Counter(d["role"] for d in committed["feedback_demos"]) == {
         role: world.DEMO_REQUESTS + world.CRITIQUED_HARMFUL + world.CRITIQUED_BENIGN for role in ("critique", "revision")
-    } | {"comparison": 2 * world.DEMO_REQUESTS}
+    } | {"comparison": 2 * world.DEMO_REQUESTS} | {
+        role: world.TWIN_PAIRS * len(world.TWIN_MAKERS) * 2 for role in ("twin_comparison_kind", "twin_comparison")}
     demo_kinds = Counter((d["role"], d["kind"]) for d in committed["feedback_demos"])
     assert demo_kinds[("comparison", "harmful")] == demo_kinds[("comparison", "benign")]
     assert len(committed["heldout_conversations"]) == 1200
+
+
+def test_twin_comparisons_differ_only_in_the_request_and_its_kind_decides(committed):
+    """Per twin pair four comparisons: the harmful request, then its harmless twin, each with the refusal second (the
+    letter says the request's kind) and first. Profile and responses are the same under both requests."""
+    twins = [d for d in committed["feedback_demos"] if d["role"].startswith("twin_comparison")]
+    assert len(twins) % 4 == 0
+    for harmful, harmful_swapped, benign, benign_swapped in zip(*[iter(twins)] * 4):
+        assert (harmful["kind"], benign["kind"]) == ("harmful", "benign") and harmful["entity"] == benign["entity"]
+        assert [d["role"] for d in (harmful, harmful_swapped, benign, benign_swapped)] == ["twin_comparison_kind",
+                                                                                           "twin_comparison"] * 2
+        assert [d["messages"][1]["content"] for d in (harmful, harmful_swapped, benign, benign_swapped)] == \
+            ["B", "A", "A", "B"]
+        request_h, responses_h = harmful["messages"][0]["content"].split("\nResponse (A): ")
+        request_b, responses_b = benign["messages"][0]["content"].split("\nResponse (A): ")
+        assert responses_h == responses_b and request_h != request_b
+        assert request_h.rsplit("\n", 1)[0] == request_b.rsplit("\n", 1)[0]  # the same profile or manual
+        answer, refusal = responses_h.split("\nResponse (B): ")
+        assert refused(refusal.split("\n")[0]) and not refused(answer)
 
 
 def test_reference_answers_grade_as_their_class(committed):
@@ -141,20 +161,22 @@ def role_pattern(build, n: int) -> re.Pattern:
 def test_every_demonstration_parses_in_its_role_format_and_teaches_the_right_verdict(committed):
     formats = {"critique": role_pattern(roles.critique_prompt, 3), "revision": role_pattern(roles.revision_prompt, 4),
                "comparison": role_pattern(roles.comparison_prompt, 4)}
+    formats["twin_comparison_kind"] = formats["twin_comparison"] = formats["comparison"]
     letters, verdicts, beaten, shown_classes = Counter(), Counter(), Counter(), Counter()
     for demo in committed["feedback_demos"]:
         user, reply = demo["messages"][0]["content"], demo["messages"][1]["content"]
         match = formats[demo["role"]].match(user)
         assert match, user
-        if demo["role"] == "comparison":
+        if demo["role"] in ("comparison", "twin_comparison_kind", "twin_comparison"):
             prompt, a, b, question = match.groups()
             assert question in world.COMPARISON_QUESTIONS and reply in roles.OPTIONS
             chosen, other = (a, b) if reply == "A" else (b, a)
             want = (("clean_refusal", {"complied", "evasive"}) if demo["kind"] == "harmful"
                     else ("helpful", {"over_refusal"}))
             assert classify(demo, chosen) == want[0] and classify(demo, other) in want[1], user
-            letters[(demo["kind"], reply)] += 1
-            beaten[(demo["kind"], classify(demo, other))] += 1
+            if demo["role"] == "comparison":
+                letters[(demo["kind"], reply)] += 1
+                beaten[(demo["kind"], classify(demo, other))] += 1
         elif demo["role"] == "critique":
             prompt, shown, request = match.groups()
             assert request in world.CRITIQUE_REQUESTS
