@@ -88,8 +88,8 @@ def conversation_mean_trainer():
 
 def finetune(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir: Path, step: str = "sft") -> dict:
     """Fine-tune the model in `base` on `conversations` ({"messages": [...]}) and save it to out_dir/model: first each
-    curriculum stage on its categories alone, in order, then `epochs` over all of them. A rerun after a crash resumes
-    whichever stage was cut short."""
+    curriculum stage on the conversations it selects (by category or role), in order, then `epochs` over all of them.
+    A rerun after a crash resumes whichever stage was cut short."""
     alone = [[c for c in conversations if stage.selects(c)] for stage in cfg.curriculum]
     for number, (stage, chosen) in enumerate(zip(cfg.curriculum, alone)):  # all checked before any stage trains
         if not chosen:
