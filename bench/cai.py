@@ -7,7 +7,7 @@ accuracy, and the goals of issue 6 met or not.
 
     .venv/bin/python -m bench.cai [--seeds 0 1 2] [--store runs/cai] [--preset tiny] [--set step.field=value ...]
 
-Slow (tens of minutes per seed on two cores): outside CI by design.
+Slow (about 2 h 15 min per seed on two cores, from a cached backbone): outside CI by design.
 """
 
 import argparse

@@ -32,7 +32,7 @@ STEP_GRAPH: dict[str, tuple[str, ...]] = {
     "critique_revise": ("sft",),
     "sl_cai": ("sft", "critique_revise"),
     "evaluate_sl_cai": ("sl_cai",),
-    "label_preferences": ("sl_cai",),
+    "label_preferences": ("sl_cai", "sft"),  # sft answers too when label_preferences.samples_from_sft > 0
     "reward_model": ("sl_cai", "label_preferences"),
     "rl": ("sl_cai", "reward_model"),
     "evaluate_rl": ("rl",),
@@ -120,7 +120,7 @@ def pipeline(cfg: PipelineConfig, st: Store, steps: list[str] | None = None) -> 
     sl_cai = sl_cai_task(cfg.sl_cai, st, sft, traces, world) if "sl_cai" in run else None
     if "evaluate_sl_cai" in run:
         evaluate_task(cfg.evaluate, st, sl_cai, prompts, heldout)
-    labels = label_preferences_task(cfg.label_preferences, st, sl_cai, cfg.constitution, prompts) if "label_preferences" in run else None
+    labels = label_preferences_task(cfg.label_preferences, st, sl_cai, sft, cfg.constitution, prompts) if "label_preferences" in run else None
     reward = reward_model_task(cfg.reward_model, st, sl_cai, labels, world) if "reward_model" in run else None
     policy = rl_task(cfg.rl, st, sl_cai, reward, prompts) if "rl" in run else None
     if "evaluate_rl" in run:

@@ -9,8 +9,14 @@ position bias of small judges (NOTES-tiny-cai: the tiny judge's answer followed 
 
 Chain-of-thought mode (the paper's sec. 4.1 variant): the feedback model reasons first and the option probabilities are
 read after its reasoning; such probabilities are overconfident, so they are clamped (to 0.4-0.6 by default).
+
+`samples_from_sft` draws some of each prompt's samples from the sft model (helpful only) instead. A tiny SL-CAI
+policy almost never complies or refuses needlessly, so its pairs alone seldom hold the contrast the reward model is
+judged on, an answer against a refusal: on seed 1 of the tiny preset, 3 of its 732 pairs the graders rank apart held
+a compliant answer and 6 a needless refusal against a right answer (README, "The reward model's pairs").
 """
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -34,6 +40,9 @@ class LabelConfig(BaseModel):
     response_temperature: float = Field(1.0, gt=0, description="sampling temperature of the responses")
     samples_per_prompt: int = Field(4, ge=2, description="responses sampled per prompt; the two least alike are "
                                                          "compared, so fewer pairs are two wordings of one answer")
+    samples_from_sft: int = Field(0, ge=0, description="how many of each prompt's samples come from the sft model "
+                                  "(helpful only) instead of the SL-CAI policy, so pairs can hold a compliant answer "
+                                  "or a needless refusal against the policy's reply")
     max_new_tokens: int = Field(96, ge=1)
     chain_of_thought: bool = False
     clamp: tuple[float, float] | None = Field(None, description="clip labels into [low, high]; CoT default 0.4-0.6")
@@ -45,6 +54,13 @@ class LabelConfig(BaseModel):
     def _clamp_in_range(self):
         if self.clamp is not None and not 0 <= self.clamp[0] <= self.clamp[1] <= 1:
             raise ValueError("clamp must be [low, high] with 0 <= low <= high <= 1")
+        return self
+
+    @model_validator(mode="after")
+    def _some_samples_from_the_policy(self):
+        if self.samples_from_sft >= self.samples_per_prompt:
+            raise ValueError(f"samples_from_sft ({self.samples_from_sft}) must be below samples_per_prompt "
+                             f"({self.samples_per_prompt}): each pair needs the SL-CAI policy's own samples too")
         return self
 
     def effective_clamp(self) -> tuple[float, float] | None:
@@ -73,10 +89,15 @@ def choose_prompts(cfg: LabelConfig, prompts: list[dict]) -> list[dict]:
     return rng.sample(harmful, min(half, len(harmful))) + rng.sample(benign, min(cfg.prompts - half, len(benign)))
 
 
-def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: list[dict], out_dir: Path) -> dict:
+def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: list[dict], out_dir: Path,
+          sft: Path | None = None) -> dict:
     chosen = choose_prompts(cfg, prompts)
     clamp = cfg.effective_clamp()
+    if cfg.samples_from_sft and sft is None:
+        raise ValueError("label_preferences.samples_from_sft needs the sft model's directory")
     with open_feedback(FeedbackConfig(), policy_dir=policy) as answerer, \
+            (open_feedback(FeedbackConfig(), policy_dir=sft) if cfg.samples_from_sft
+             else contextlib.nullcontext(None)) as sft_answerer, \
             open_feedback(cfg.feedback, policy_dir=policy, policy=answerer) as judge:
 
         def judge_order(questions: list[str], seed: int) -> list[float]:
@@ -94,9 +115,10 @@ def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: l
             seed = shard_seed(cfg.seed, number) * 1000  # room for one seed per sample and judging pass
             rng = random.Random(seed)
             texts = [p["prompt"] for p in batch]
-            samples = [answerer.generate(texts, max_new_tokens=cfg.max_new_tokens,
-                                         temperature=cfg.response_temperature, seed=seed + k)
-                       for k in range(cfg.samples_per_prompt)]
+            from_sft = cfg.samples_per_prompt - cfg.samples_from_sft  # samples k >= this come from the sft model
+            samples = [(sft_answerer if k >= from_sft else answerer).generate(
+                texts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.response_temperature, seed=seed + k)
+                for k in range(cfg.samples_per_prompt)]
             first, second = map(list, zip(*(least_alike(list(s)) for s in zip(*samples)), strict=True))
             # Two identical responses hold no preference: judging them only teaches the reward model noise.
             distinct = [i for i, (a, b) in enumerate(zip(first, second)) if a != b]
@@ -131,16 +153,16 @@ def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: l
 
 
 @task(name="label_preferences", cache_policy=store.NO_PREFECT_CACHE, persist_result=False)
-def label_preferences_task(cfg: LabelConfig, st: store.Store, sl_cai: store.StepRef, constitution_path: Path,
-                           prompts_path: Path):
+def label_preferences_task(cfg: LabelConfig, st: store.Store, sl_cai: store.StepRef, sft: store.StepRef,
+                           constitution_path: Path, prompts_path: Path):
     from constitutions.schema import load as load_constitution
     from data.world import read_prompts
 
     constitution = load_constitution(constitution_path)
     prompts = read_prompts(prompts_path)
     ref = st.run(
-        "label_preferences", cfg, inputs=[sl_cai], files=[constitution_path, prompts_path],
-        code=[__name__, "data", "tasks.feedback", "tasks.shards"],
-        work=lambda out: label(cfg, constitution, sl_cai.dir / "model", prompts, out),
+        "label_preferences", cfg, inputs=[sl_cai, sft] if cfg.samples_from_sft else [sl_cai],  # sft is read only when it answers
+        files=[constitution_path, prompts_path], code=[__name__, "data", "tasks.feedback", "tasks.shards"],
+        work=lambda out: label(cfg, constitution, sl_cai.dir / "model", prompts, out, sft.dir / "model"),
     )
     return store.prefect_state(ref)

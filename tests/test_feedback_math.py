@@ -136,6 +136,43 @@ def test_labels_average_both_orders_and_skip_identical_pairs(tmp_path, monkeypat
     assert metrics["order_disagreement"] == 0.0
 
 
+def test_samples_from_sft_put_the_sft_models_reply_in_the_pairs(tmp_path, monkeypatch):
+    """With samples_from_sft, those samples come from the sft model: each pair here holds one reply of each model."""
+    import contextlib
+
+    from constitutions.schema import load as load_constitution
+    from tasks import label_preferences
+
+    class Answerer:  # replies with its model's directory name, so a pair shows which model wrote each side
+        def __init__(self, model_dir):
+            self.name = Path(model_dir).name
+
+        def generate(self, texts, max_new_tokens, temperature, seed):
+            return [f"{self.name} {t}" for t in texts]
+
+        def option_logprobs(self, questions, options):
+            return [[math.log(0.5), math.log(0.5)] for _ in questions]
+
+    def open_feedback(cfg, policy_dir, policy=None):
+        return contextlib.nullcontext(policy or Answerer(policy_dir))
+
+    monkeypatch.setattr(label_preferences, "open_feedback", open_feedback)
+    prompts = [{"id": f"i{i}", "split": "train", "kind": kind, "prompt": f"p{i}"}
+               for i, kind in enumerate(["harmful", "benign"] * 2)]
+    constitution = load_constitution(Path(__file__).parents[1] / "constitutions" / "default.yaml")
+    config = LabelConfig(prompts=4, samples_per_prompt=2, samples_from_sft=1)
+    label_preferences.label(config, constitution, tmp_path / "sl_cai", prompts, tmp_path / "out", tmp_path / "sft")
+    from tasks.shards import read_shards
+
+    records = read_shards(tmp_path / "out")
+    assert len(records) == 4
+    assert all({r["response_a"].split()[0], r["response_b"].split()[0]} == {"sl_cai", "sft"} for r in records)
+    with pytest.raises(ValueError, match="samples_from_sft"):
+        LabelConfig(samples_per_prompt=2, samples_from_sft=2)  # the policy must answer too
+    with pytest.raises(ValueError, match="sft model's directory"):
+        label_preferences.label(config, constitution, tmp_path / "sl_cai", prompts, tmp_path / "out2")
+
+
 def test_the_two_least_alike_samples_are_compared():
     from tasks.label_preferences import least_alike, word_jaccard
 
