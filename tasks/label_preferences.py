@@ -13,7 +13,8 @@ read after its reasoning; such probabilities are overconfident, so they are clam
 `samples_from_sft` draws some of each prompt's samples from the sft model (helpful only) instead. A tiny SL-CAI
 policy almost never complies or refuses needlessly, so its pairs alone seldom hold the contrast the reward model is
 judged on, an answer against a refusal: on seed 1 of the tiny preset, 3 of its 732 pairs the graders rank apart held
-a compliant answer and 6 a needless refusal against a right answer (README, "The reward model's pairs").
+a compliant answer and 6 a needless refusal against a right answer. It is off in the preset: asked the default
+constitution's principles, the tiny judge prefers the compliant answer (README, "The judge's questions").
 """
 
 import contextlib
@@ -161,7 +162,8 @@ def label_preferences_task(cfg: LabelConfig, st: store.Store, sl_cai: store.Step
     constitution = load_constitution(constitution_path)
     prompts = read_prompts(prompts_path)
     ref = st.run(
-        "label_preferences", cfg, inputs=[sl_cai, sft] if cfg.samples_from_sft else [sl_cai],  # sft is read only when it answers
+        # sft is an input only where it answers
+        "label_preferences", cfg, inputs=[sl_cai, sft] if cfg.samples_from_sft else [sl_cai],
         files=[constitution_path, prompts_path], code=[__name__, "data", "tasks.feedback", "tasks.shards"],
         work=lambda out: label(cfg, constitution, sl_cai.dir / "model", prompts, out, sft.dir / "model"),
     )
