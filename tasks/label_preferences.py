@@ -17,7 +17,6 @@ a compliant answer and 6 a needless refusal against a right answer. It is off in
 constitution's principles, the tiny judge prefers the compliant answer (README, "The judge's questions").
 """
 
-import contextlib
 import random
 from pathlib import Path
 
@@ -97,8 +96,8 @@ def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: l
     if cfg.samples_from_sft and sft is None:
         raise ValueError("label_preferences.samples_from_sft needs the sft model's directory")
     with open_feedback(FeedbackConfig(), policy_dir=policy) as answerer, \
-            (open_feedback(FeedbackConfig(), policy_dir=sft) if cfg.samples_from_sft
-             else contextlib.nullcontext(None)) as sft_answerer, \
+            open_feedback(FeedbackConfig(), policy_dir=sft or policy,
+                          policy=None if cfg.samples_from_sft else answerer) as sft_answerer, \
             open_feedback(cfg.feedback, policy_dir=policy, policy=answerer) as judge:
 
         def judge_order(questions: list[str], seed: int) -> list[float]:
