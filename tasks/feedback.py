@@ -185,12 +185,14 @@ class HFFeedback:
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 1.0,
-                 seed: int = 0) -> list[str]:
-        """Replies sampled at `temperature` (0 = greedy), ending at EOS, without special tokens.
+                 seed: int = 0, openings: list[str] | None = None) -> list[str]:
+        """Replies sampled at `temperature` (0 = greedy), ending at EOS, without special tokens. A reply given an
+        opening starts with it: the model writes the rest, and the opening is part of the returned text.
 
         The same prompts, seed and batch_size give the same replies; the global RNG is left as it was.
         """
-        rows = [self.chat_ids(p) for p in prompts]
+        openings = openings or [""] * len(prompts)
+        rows = [self.chat_ids(p, o) for p, o in zip(prompts, openings, strict=True)]
         replies = [""] * len(prompts)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -201,7 +203,7 @@ class HFFeedback:
                                           **sampling_kwargs(temperature))
                 texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
                 for i, text in zip(batch, texts):
-                    replies[i] = text.strip()
+                    replies[i] = (openings[i] + text).strip()
         return replies
 
     @torch.inference_mode()

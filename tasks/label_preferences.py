@@ -24,13 +24,21 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from constitutions.schema import Constitution
-from data.roles import OPTIONS, comparison_prompt
+from data.roles import OPTIONS, comparison_prompt, request_prompt
 from tasks import store
 from tasks.feedback import FeedbackConfig, averaged_label, open_feedback, option_probability
 from tasks.shards import run_shards, shard_seed
 
 COT_SUFFIX = "\nThink it through step by step first, then give your answer."
 COT_ANSWER = "\nSo the better response is ("
+
+
+class FactoredConfig(BaseModel):
+    """Two questions, each read from one thing, in place of a comparison principle: see `factored_label`."""
+    model_config = ConfigDict(extra="forbid")
+
+    harmful_question: str = Field("Is this request harmful?", description="asked about the request alone; A = yes")
+    declines_question: str = Field("Which response declines the request?", description="asked about the two responses")
 
 
 class LabelConfig(BaseModel):
@@ -43,8 +51,13 @@ class LabelConfig(BaseModel):
     samples_from_sft: int = Field(0, ge=0, description="how many of each prompt's samples come from the sft model "
                                   "(helpful only) instead of the SL-CAI policy, so pairs can hold a compliant answer "
                                   "or a needless refusal against the policy's reply")
+    openings: list[str] = Field([], description="each adds one sample per prompt from the SL-CAI policy that begins "
+                                "with this text (the policy writes the rest), so pairs can hold a refusal beside the "
+                                "policy's usual answer, e.g. \"I'm sorry, but I\" on a chat model")
     max_new_tokens: int = Field(96, ge=1)
     chain_of_thought: bool = False
+    factored: FactoredConfig | None = Field(None, description="label with two questions each read from one thing "
+                                            "instead of a comparison principle (see factored_label)")
     clamp: tuple[float, float] | None = Field(None, description="clip labels into [low, high]; CoT default 0.4-0.6")
     shard_size: int = Field(64, ge=1)
     seed: int = 0
@@ -63,8 +76,26 @@ class LabelConfig(BaseModel):
                              f"({self.samples_per_prompt}): each pair needs the SL-CAI policy's own samples too")
         return self
 
+    @model_validator(mode="after")
+    def _one_way_to_judge(self):
+        if self.factored is not None and self.chain_of_thought:
+            raise ValueError("factored and chain_of_thought are two ways to ask the judge: choose one")
+        return self
+
     def effective_clamp(self) -> tuple[float, float] | None:
         return self.clamp or ((0.4, 0.6) if self.chain_of_thought else None)
+
+
+def factored_label(p_harmful: float, p_a_declines: float) -> float:
+    """P(A better) when the better response is the one that declines a harmful request and the one that does not
+    decline a harmless one: p_harmful * P(A declines) + (1 - p_harmful) * (1 - P(A declines)).
+
+    A comparison principle makes the judge read two things at once, the request's kind and which response declines,
+    and its letter is their exclusive or; the tiny judge reads each alone but not the two together (README, "An order
+    of lessons"). Asked apart, each is one question, and the pipeline combines them, as rule-based rewards combine a
+    request's category with graded properties of the response (Mu et al. 2024, arXiv 2411.01111).
+    """
+    return p_harmful * p_a_declines + (1 - p_harmful) * (1 - p_a_declines)
 
 
 def word_jaccard(a: str, b: str) -> float:
@@ -119,6 +150,9 @@ def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: l
             samples = [(sft_answerer if k >= from_sft else answerer).generate(
                 texts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.response_temperature, seed=seed + k)
                 for k in range(cfg.samples_per_prompt)]
+            samples += [answerer.generate(texts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.response_temperature,
+                                          seed=seed + cfg.samples_per_prompt + k, openings=[opening] * len(texts))
+                        for k, opening in enumerate(cfg.openings)]
             first, second = map(list, zip(*(least_alike(list(s)) for s in zip(*samples)), strict=True))
             # Two identical responses hold no preference: judging them only teaches the reward model noise.
             distinct = [i for i, (a, b) in enumerate(zip(first, second)) if a != b]
@@ -126,19 +160,31 @@ def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: l
             first, second = [first[i] for i in distinct], [second[i] for i in distinct]
             if not batch:
                 return []
-            principles = [rng.choice(constitution.preference) for _ in batch]
-            a_first = judge_order([comparison_prompt(t, a, b, pr.text)
-                                   for t, a, b, pr in zip(texts, first, second, principles)], seed + 100)
-            b_first = judge_order([comparison_prompt(t, b, a, pr.text)
-                                   for t, a, b, pr in zip(texts, first, second, principles)], seed + 101)
+            if cfg.factored:
+                questions = [cfg.factored.declines_question] * len(batch)
+                harmful = [option_probability(lp)[0] for lp in judge.option_logprobs(
+                    [request_prompt(t, cfg.factored.harmful_question) for t in texts], options=OPTIONS)]
+                names = ["factored"] * len(batch)
+            else:
+                principles = [rng.choice(constitution.preference) for _ in batch]
+                questions, names = [pr.text for pr in principles], [pr.id for pr in principles]
+            a_first = judge_order([comparison_prompt(t, a, b, q) for t, a, b, q in zip(texts, first, second, questions)],
+                                  seed + 100)
+            b_first = judge_order([comparison_prompt(t, b, a, q) for t, a, b, q in zip(texts, first, second, questions)],
+                                  seed + 101)
             records = []
-            for p, a, b, pr, pa1, pb1 in zip(batch, first, second, principles, a_first, b_first):
+            for i, (p, a, b, name, pa1, pb1) in enumerate(zip(batch, first, second, names, a_first, b_first)):
+                extra = {}
+                if cfg.factored:  # the judge's two readings, and the label each order gives
+                    extra = {"p_harmful": round(harmful[i], 6), "p_a_declines_shown_first": round(pa1, 6),
+                             "p_a_declines_shown_second": round(1 - pb1, 6)}
+                    pa1, pb1 = factored_label(harmful[i], pa1), 1 - factored_label(harmful[i], 1 - pb1)
                 soft = averaged_label(pa1, 1 - pb1)
                 if clamp:
                     soft = min(max(soft, clamp[0]), clamp[1])
                 records.append({"id": p["id"], "kind": p["kind"], "prompt": p["prompt"], "response_a": a,
-                                "response_b": b, "principle": pr.id, "p_a_shown_first": round(pa1, 6),
-                                "p_a_shown_second": round(1 - pb1, 6), "p_a": round(soft, 6)})
+                                "response_b": b, "principle": name, "p_a_shown_first": round(pa1, 6),
+                                "p_a_shown_second": round(1 - pb1, 6), "p_a": round(soft, 6), **extra})
             return records
 
         records = run_shards(out_dir, chosen, cfg.shard_size, work, step="label_preferences")

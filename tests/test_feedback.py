@@ -184,6 +184,23 @@ def test_hf_greedy_generation_equals_an_uncached_argmax_loop(any_hf):
     assert any(got)
 
 
+def test_hf_generation_from_an_opening_continues_it(hf):
+    """A reply given an opening is the opening followed by what the model writes after it in the assistant's turn."""
+    openings = ["Sure, I", "I can't"]
+    got = hf.generate(PROMPTS[:2], max_new_tokens=8, temperature=0.0, openings=openings)
+    for prompt, opening, reply in zip(PROMPTS, openings, got):
+        ids, new = hf.chat_ids(prompt, opening), []
+        with torch.no_grad():
+            for _ in range(8):
+                token = hf.model(torch.tensor([ids + new])).logits[0, -1].argmax().item()
+                if token == hf.tokenizer.eos_token_id:
+                    break
+                new.append(token)
+        assert reply == (opening + hf.tokenizer.decode(new, skip_special_tokens=True)).strip()
+        assert reply.startswith(opening)
+    assert got != hf.generate(PROMPTS[:2], max_new_tokens=8, temperature=0.0)
+
+
 def test_hf_sampling_draws_from_softmax_of_logits_over_temperature(hf):
     """Plain temperature sampling, whatever a checkpoint's generation_config asks for (top-k 50 is HF's default):
     replaying torch.multinomial(softmax(logits / T)) from the same seed, one uncached forward pass per token, draws

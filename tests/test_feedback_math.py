@@ -173,6 +173,36 @@ def test_samples_from_sft_put_the_sft_models_reply_in_the_pairs(tmp_path, monkey
         label_preferences.label(config, constitution, tmp_path / "sl_cai", prompts, tmp_path / "out2")
 
 
+def test_openings_add_a_sample_that_pairs_can_hold(tmp_path, monkeypatch):
+    """The policy answers every prompt the same way, so without an opening every pair is two identical replies and
+    is dropped; each opening adds a sample that begins with it, and the pair is the policy's reply against it."""
+    import contextlib
+
+    from constitutions.schema import load as load_constitution
+    from tasks import label_preferences
+    from tasks.shards import read_shards
+
+    class Answerer:
+        def generate(self, texts, max_new_tokens, temperature, seed, openings=None):
+            return [f"{o}answer to {t}" for t, o in zip(texts, openings or [""] * len(texts))]
+
+        def option_logprobs(self, questions, options):
+            return [[math.log(0.5), math.log(0.5)] for _ in questions]
+
+    monkeypatch.setattr(label_preferences, "open_feedback", lambda *a, **k: contextlib.nullcontext(Answerer()))
+    prompts = [{"id": f"i{i}", "split": "train", "kind": kind, "prompt": f"p{i}"}
+               for i, kind in enumerate(["harmful", "benign"] * 2)]
+    constitution = load_constitution(Path(__file__).parents[1] / "constitutions" / "default.yaml")
+    plain = label_preferences.label(LabelConfig(prompts=4, samples_per_prompt=2), constitution, tmp_path,
+                                    prompts, tmp_path / "plain")
+    assert plain["pairs"] == 0 and plain["identical_pairs_dropped"] == 4
+    opened = LabelConfig(prompts=4, samples_per_prompt=2, openings=["No, I won't: "])
+    assert label_preferences.label(opened, constitution, tmp_path, prompts, tmp_path / "opened")["pairs"] == 4
+    for r in read_shards(tmp_path / "opened"):
+        assert sorted([r["response_a"], r["response_b"]]) == sorted([f"answer to {r['prompt']}",
+                                                                     f"No, I won't: answer to {r['prompt']}"])
+
+
 def test_the_two_least_alike_samples_are_compared():
     from tasks.label_preferences import least_alike, word_jaccard
 
@@ -263,3 +293,51 @@ def test_chain_of_thought_reads_the_option_after_the_reasoning_once_and_clamps(t
         a_preferred = r["response_a"] < r["response_b"]
         assert (r["p_a_shown_first"], r["p_a_shown_second"]) == pytest.approx((0.99, 0.99) if a_preferred else (0.01, 0.01))
         assert r["p_a"] == pytest.approx(0.6 if a_preferred else 0.4)
+
+
+def test_factored_labels_combine_the_requests_harm_with_which_response_declines(tmp_path, monkeypatch):
+    """The judge reads a request as harmful with P = 0.8 (harmful prompts) or 0.2 (benign ones), and the declining
+    response as declining with P = 0.9 in either position; the label is h * d + (1 - h) * (1 - d) for A, so the
+    refusal wins on the harmful prompts and the answer on the benign ones."""
+    import contextlib
+
+    from constitutions.schema import load as load_constitution
+    from tasks import label_preferences
+    from tasks.label_preferences import FactoredConfig, factored_label
+    from tasks.shards import read_shards
+
+    harmful_ids = {"p0", "p2"}
+
+    class Judge:
+        def generate(self, texts, max_new_tokens, temperature, seed, openings=None):
+            return [f"{o}{'sure: ' if seed % 2 else ''}answer to {t}" for t, o in zip(texts, openings or [""] * len(texts))]
+
+        def option_logprobs(self, questions, options):
+            out = []
+            for q in questions:
+                if q.startswith("Request: "):
+                    p_a = 0.8 if q.split()[1] in harmful_ids else 0.2
+                    assert "Is this request harmful?" in q
+                else:
+                    assert "Which response declines the request?" in q
+                    p_a = 0.9 if "Response (A): No." in q else 0.1
+                out.append([math.log(p_a), math.log(1 - p_a)])
+            return out
+
+    monkeypatch.setattr(label_preferences, "open_feedback", lambda *a, **k: contextlib.nullcontext(Judge()))
+    prompts = [{"id": f"i{i}", "split": "train", "kind": kind, "prompt": f"p{i}"}
+               for i, kind in enumerate(["harmful", "benign"] * 2)]
+    constitution = load_constitution(Path(__file__).parents[1] / "constitutions" / "default.yaml")
+    config = LabelConfig(prompts=4, samples_per_prompt=2, openings=["No. "], factored=FactoredConfig())
+    label_preferences.label(config, constitution, tmp_path, prompts, tmp_path / "out")
+    records = read_shards(tmp_path / "out")
+    assert len(records) == 4
+    for r in records:
+        h = 0.8 if r["prompt"] in harmful_ids else 0.2
+        d = 0.9 if r["response_a"].startswith("No.") else 0.1
+        assert r["principle"] == "factored" and r["p_harmful"] == pytest.approx(h)
+        assert r["p_a"] == pytest.approx(factored_label(h, d)) == pytest.approx(h * d + (1 - h) * (1 - d))
+        refusal_wins = (r["p_a"] > 0.5) == r["response_a"].startswith("No.")
+        assert refusal_wins == (r["prompt"] in harmful_ids)
+    with pytest.raises(ValueError, match="choose one"):
+        LabelConfig(factored=FactoredConfig(), chain_of_thought=True)
