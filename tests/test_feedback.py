@@ -167,20 +167,24 @@ def test_hf_option_logprobs_equal_a_direct_forward_pass(any_hf):
         hf.option_logprobs(PROMPTS[:1], options, assistant_prefixes=PREFIXES[:1])[0], abs=1e-3)
 
 
+def argmax_continuation(hf, ids: list[int], max_new_tokens: int) -> str:
+    """What a plain argmax over full, uncached forward passes writes after ids, up to EOS."""
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = hf.model(torch.tensor([ids + new])).logits[0, -1].argmax().item()
+            if token == hf.tokenizer.eos_token_id:
+                break
+            new.append(token)
+    return hf.tokenizer.decode(new, skip_special_tokens=True)
+
+
 def test_hf_greedy_generation_equals_an_uncached_argmax_loop(any_hf):
     """Batched, left-padded, KV-cached generate() must pick what a plain argmax over full forward passes picks."""
     hf = any_hf
     got = hf.generate(PROMPTS, max_new_tokens=12, temperature=0.0)
     for prompt, reply in zip(PROMPTS, got):
-        ids = hf.chat_ids(prompt)
-        new = []
-        with torch.no_grad():
-            for _ in range(12):
-                token = hf.model(torch.tensor([ids + new])).logits[0, -1].argmax().item()
-                if token == hf.tokenizer.eos_token_id:
-                    break
-                new.append(token)
-        assert reply == hf.tokenizer.decode(new, skip_special_tokens=True).strip()
+        assert reply == argmax_continuation(hf, hf.chat_ids(prompt), 12).strip()
     assert any(got)
 
 
@@ -189,14 +193,7 @@ def test_hf_generation_from_an_opening_continues_it(hf):
     openings = ["Sure, I", "I can't"]
     got = hf.generate(PROMPTS[:2], max_new_tokens=8, temperature=0.0, openings=openings)
     for prompt, opening, reply in zip(PROMPTS, openings, got):
-        ids, new = hf.chat_ids(prompt, opening), []
-        with torch.no_grad():
-            for _ in range(8):
-                token = hf.model(torch.tensor([ids + new])).logits[0, -1].argmax().item()
-                if token == hf.tokenizer.eos_token_id:
-                    break
-                new.append(token)
-        assert reply == (opening + hf.tokenizer.decode(new, skip_special_tokens=True)).strip()
+        assert reply == (opening + argmax_continuation(hf, hf.chat_ids(prompt, opening), 8)).strip()
         assert reply.startswith(opening)
     assert got != hf.generate(PROMPTS[:2], max_new_tokens=8, temperature=0.0)
 

@@ -98,11 +98,19 @@ def test_killed_shards_resume_without_duplicates_or_losses(tmp_path):
     assert [p.read_text() for p in shards] == [p.read_text() for p in sorted((tmp_path / "clean" / "shards").glob("*"))]
 
 
+def label_inputs(n: int) -> tuple[list[dict], object]:
+    """n training prompts, harmful and benign in turn, with ids i0.. and texts p0..; and the default constitution."""
+    from constitutions.schema import load as load_constitution
+
+    prompts = [{"id": f"i{i}", "split": "train", "kind": "harmful" if i % 2 == 0 else "benign", "prompt": f"p{i}"}
+               for i in range(n)]
+    return prompts, load_constitution(Path(__file__).parents[1] / "constitutions" / "default.yaml")
+
+
 def test_labels_average_both_orders_and_skip_identical_pairs(tmp_path, monkeypatch):
     """label() with a scripted judge: P(A) per order from the option log-probabilities, averaged; A == B dropped."""
     import contextlib
 
-    from constitutions.schema import load as load_constitution
     from tasks import label_preferences
 
     class Scripted:  # answers "x<i>" then "y<i>", except prompt 1 where both samples are "same"
@@ -120,9 +128,7 @@ def test_labels_average_both_orders_and_skip_identical_pairs(tmp_path, monkeypat
             return out
 
     monkeypatch.setattr(label_preferences, "open_feedback", lambda *a, **k: contextlib.nullcontext(Scripted()))
-    prompts = [{"id": f"i{i}", "split": "train", "kind": kind, "prompt": f"p{i}"}
-               for i, kind in enumerate(["harmful", "benign"] * 3)]
-    constitution = load_constitution(Path(__file__).parents[1] / "constitutions" / "default.yaml")
+    prompts, constitution = label_inputs(6)
     metrics = label_preferences.label(LabelConfig(prompts=6, shard_size=4), constitution, tmp_path, prompts, tmp_path)
     from tasks.shards import read_shards
 
@@ -140,7 +146,6 @@ def test_samples_from_sft_put_the_sft_models_reply_in_the_pairs(tmp_path, monkey
     """With samples_from_sft, those samples come from the sft model: each pair here holds one reply of each model."""
     import contextlib
 
-    from constitutions.schema import load as load_constitution
     from tasks import label_preferences
 
     class Answerer:  # replies with its model's directory name, so a pair shows which model wrote each side
@@ -157,9 +162,7 @@ def test_samples_from_sft_put_the_sft_models_reply_in_the_pairs(tmp_path, monkey
         return contextlib.nullcontext(policy or Answerer(policy_dir))
 
     monkeypatch.setattr(label_preferences, "open_feedback", open_feedback)
-    prompts = [{"id": f"i{i}", "split": "train", "kind": kind, "prompt": f"p{i}"}
-               for i, kind in enumerate(["harmful", "benign"] * 2)]
-    constitution = load_constitution(Path(__file__).parents[1] / "constitutions" / "default.yaml")
+    prompts, constitution = label_inputs(4)
     config = LabelConfig(prompts=4, samples_per_prompt=2, samples_from_sft=1)
     label_preferences.label(config, constitution, tmp_path / "sl_cai", prompts, tmp_path / "out", tmp_path / "sft")
     from tasks.shards import read_shards
@@ -178,7 +181,6 @@ def test_openings_add_a_sample_that_pairs_can_hold(tmp_path, monkeypatch):
     is dropped; each opening adds a sample that begins with it, and the pair is the policy's reply against it."""
     import contextlib
 
-    from constitutions.schema import load as load_constitution
     from tasks import label_preferences
     from tasks.shards import read_shards
 
@@ -190,9 +192,7 @@ def test_openings_add_a_sample_that_pairs_can_hold(tmp_path, monkeypatch):
             return [[math.log(0.5), math.log(0.5)] for _ in questions]
 
     monkeypatch.setattr(label_preferences, "open_feedback", lambda *a, **k: contextlib.nullcontext(Answerer()))
-    prompts = [{"id": f"i{i}", "split": "train", "kind": kind, "prompt": f"p{i}"}
-               for i, kind in enumerate(["harmful", "benign"] * 2)]
-    constitution = load_constitution(Path(__file__).parents[1] / "constitutions" / "default.yaml")
+    prompts, constitution = label_inputs(4)
     plain = label_preferences.label(LabelConfig(prompts=4, samples_per_prompt=2), constitution, tmp_path,
                                     prompts, tmp_path / "plain")
     assert plain["pairs"] == 0 and plain["identical_pairs_dropped"] == 4
@@ -264,7 +264,6 @@ def test_chain_of_thought_reads_the_option_after_the_reasoning_once_and_clamps(t
     after exactly one "So the better response is (", and the label is clamped to 0.4-0.6."""
     import contextlib
 
-    from constitutions.schema import load as load_constitution
     from tasks import label_preferences
 
     prefixes = []
@@ -281,9 +280,7 @@ def test_chain_of_thought_reads_the_option_after_the_reasoning_once_and_clamps(t
             return [[math.log(0.99), math.log(0.01)] if a < b else [math.log(0.01), math.log(0.99)] for a, b in shown]
 
     monkeypatch.setattr(label_preferences, "open_feedback", lambda *a, **k: contextlib.nullcontext(Reasoner()))
-    prompts = [{"id": f"i{i}", "split": "train", "kind": kind, "prompt": f"p{i}"}
-               for i, kind in enumerate(["harmful", "benign"] * 2)]
-    constitution = load_constitution(Path(__file__).parents[1] / "constitutions" / "default.yaml")
+    prompts, constitution = label_inputs(4)
     config = LabelConfig(prompts=4, shard_size=4, chain_of_thought=True)
     label_preferences.label(config, constitution, tmp_path, prompts, tmp_path)
     from tasks.shards import read_shards
@@ -301,7 +298,6 @@ def test_factored_labels_combine_the_requests_harm_with_which_response_declines(
     refusal wins on the harmful prompts and the answer on the benign ones."""
     import contextlib
 
-    from constitutions.schema import load as load_constitution
     from tasks import label_preferences
     from tasks.label_preferences import FactoredConfig, factored_label
     from tasks.shards import read_shards
@@ -325,9 +321,7 @@ def test_factored_labels_combine_the_requests_harm_with_which_response_declines(
             return out
 
     monkeypatch.setattr(label_preferences, "open_feedback", lambda *a, **k: contextlib.nullcontext(Judge()))
-    prompts = [{"id": f"i{i}", "split": "train", "kind": kind, "prompt": f"p{i}"}
-               for i, kind in enumerate(["harmful", "benign"] * 2)]
-    constitution = load_constitution(Path(__file__).parents[1] / "constitutions" / "default.yaml")
+    prompts, constitution = label_inputs(4)
     config = LabelConfig(prompts=4, samples_per_prompt=2, openings=["No. "], factored=FactoredConfig())
     label_preferences.label(config, constitution, tmp_path, prompts, tmp_path / "out")
     records = read_shards(tmp_path / "out")
