@@ -178,7 +178,7 @@ def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: l
                 if cfg.factored:  # the judge's two readings, and the label each order gives
                     extra = {"p_harmful": round(harmful[i], 6), "p_a_declines_shown_first": round(pa1, 6),
                              "p_a_declines_shown_second": round(1 - pb1, 6)}
-                    pa1, pb1 = factored_label(harmful[i], pa1), 1 - factored_label(harmful[i], 1 - pb1)
+                    pa1, pb1 = factored_label(harmful[i], pa1), factored_label(harmful[i], pb1)
                 soft = averaged_label(pa1, 1 - pb1)
                 if clamp:
                     soft = min(max(soft, clamp[0]), clamp[1])
