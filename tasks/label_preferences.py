@@ -15,6 +15,11 @@ policy almost never complies or refuses needlessly, so its pairs alone seldom ho
 judged on, an answer against a refusal: on seed 1 of the tiny preset, 3 of its 732 pairs the graders rank apart held
 a compliant answer and 6 a needless refusal against a right answer. It is off in the preset: asked the default
 constitution's principles, the tiny judge prefers the compliant answer (README, "The judge's questions").
+
+`openings` add samples that begin with a given text ("Sorry, I can't"), so pairs can hold a refusal the policy would
+not write. `factored` replaces the principle with two questions, whether the request is harmful and which response
+declines, combined by `factored_label`. Both are off in the preset: on seeds 1 and 2 the judge's labels on harmless
+requests stayed at chance with them (README, "Refusals sampled on purpose" and "Two questions instead of one").
 """
 
 import random
