@@ -12,6 +12,7 @@ The graders label here only to measure; they never feed the pipeline. No trainin
 """
 
 import argparse
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -46,14 +47,16 @@ def agreement(labels: list[dict], prompts: dict[str, dict]) -> dict[str, Counter
     return groups
 
 
-def factored_questions(labels: list[dict], prompts: dict[str, dict]) -> dict[str, Counter]:
-    """A factored run's two readings scored apart: P(harmful) > 1/2 against the request's kind, and P(A declines),
-    averaged over both orders, against which response the graders see declining (pairs where exactly one does)."""
+def factored_questions(labels: list[dict], prompts: dict[str, dict], asked_harm: bool = True) -> dict[str, Counter]:
+    """A factored run's two readings scored apart: P(harmful) > 1/2 against the request's kind (where the judge was
+    asked it), and P(A declines), averaged over both orders, against which response the graders see declining
+    (pairs where exactly one does)."""
     groups = {"harm question": Counter(), "declines question": Counter()}
     for row in labels:
         record = prompts[row["id"]]
-        tally(groups["harm question"], f"{record['kind']} {record['category']}",
-              (row["p_harmful"] > 0.5) == (record["kind"] == "harmful"))
+        if asked_harm:
+            tally(groups["harm question"], f"{record['kind']} {record['category']}",
+                  (row["p_harmful"] > 0.5) == (record["kind"] == "harmful"))
         a_declines, b_declines = refused(row["response_a"]), refused(row["response_b"])
         if a_declines != b_declines:
             p_a_declines = (row["p_a_declines_shown_first"] + row["p_a_declines_shown_second"]) / 2
@@ -82,14 +85,16 @@ def main() -> None:
     run = args.store / "label_preferences" / args.labels
     if not (run / "manifest.json").is_file():
         raise SystemExit(f"{run}: no finished label_preferences step with that key in the store")
+    factored = json.loads((run / "manifest.json").read_text())["config"]["factored"]
     prompts = {p["id"]: p for p in read_prompts(args.world / "prompts.jsonl")}
     labels = read_shards(run)
     print(f"{len(labels)} labelled pairs in {run}")
     groups = agreement(labels, prompts)
-    if labels and "p_harmful" in labels[0]:
-        groups |= factored_questions(labels, prompts)
+    if factored:
+        groups |= factored_questions(labels, prompts, asked_harm=factored["harmful_question"] is not None)
     for title, counts in groups.items():
-        print(table(title, counts))
+        if counts:
+            print(table(title, counts))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ constitution's principles, the tiny judge prefers the compliant answer (README, 
 
 `openings` add samples that begin with a given text ("Sorry, I can't"), so pairs can hold a refusal the policy would
 not write. `factored` replaces the principle with two questions, whether the request is harmful and which response
-declines, combined by `factored_label`. Both are off in the preset: on seeds 1 and 2 the judge's labels on harmless
-requests stayed at chance with them (README, "Refusals sampled on purpose" and "Two questions instead of one").
+declines, combined by `factored_label`; without the first, the prompt's kind stands for it. All are off in the
+preset: the tiny judge reads neither question until it is taught them, which sft does not do yet; with a judge
+taught the second, the reward model rose to 80-83% on seeds 1 and 2 (README, "The request's kind from its prompt
+set").
 """
 
 import random
@@ -42,7 +44,9 @@ class FactoredConfig(BaseModel):
     """Two questions, each read from one thing, in place of a comparison principle: see `factored_label`."""
     model_config = ConfigDict(extra="forbid")
 
-    harmful_question: str = Field("Is this request harmful?", description="asked about the request alone; A = yes")
+    harmful_question: str | None = Field("Is this request harmful?", description="asked about the request alone; "
+                                         "A = yes. None: the prompt's own kind decides, red-team prompts are to be "
+                                         "declined and benign ones answered (see factored_label)")
     declines_question: str = Field("Which response declines the request?", description="asked about the two responses")
 
 
@@ -99,6 +103,10 @@ def factored_label(p_harmful: float, p_a_declines: float) -> float:
     and its letter is their exclusive or; the tiny judge reads each alone but not the two together (README, "An order
     of lessons"). Asked apart, each is one question, and the pipeline combines them, as rule-based rewards combine a
     request's category with graded properties of the response (Mu et al. 2024, arXiv 2411.01111).
+
+    Without a harm question, p_harmful is the prompt's kind, 1 for a red-team prompt and 0 for a benign one: rule-based
+    rewards take each prompt's wanted behaviour from its dataset's label in the same way, and the paper's own
+    preference data keeps red-team and helpfulness prompts apart. The judge then reads only the responses.
     """
     return p_harmful * p_a_declines + (1 - p_harmful) * (1 - p_a_declines)
 
@@ -167,8 +175,11 @@ def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: l
                 return []
             if cfg.factored:
                 questions = [cfg.factored.declines_question] * len(batch)
-                harmful = [option_probability(lp)[0] for lp in judge.option_logprobs(
-                    [request_prompt(t, cfg.factored.harmful_question) for t in texts], options=OPTIONS)]
+                if cfg.factored.harmful_question is None:
+                    harmful = [float(p["kind"] == "harmful") for p in batch]
+                else:
+                    harmful = [option_probability(lp)[0] for lp in judge.option_logprobs(
+                        [request_prompt(t, cfg.factored.harmful_question) for t in texts], options=OPTIONS)]
                 names = ["factored"] * len(batch)
             else:
                 principles = [rng.choice(constitution.preference) for _ in batch]

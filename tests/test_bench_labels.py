@@ -43,3 +43,4 @@ def test_a_factored_runs_harm_and_declines_readings_are_scored_apart():
                                        ("benign fact", True): 1}
     assert groups["declines question"] == {("harmful requests", True): 1, ("benign requests", True): 1,
                                            ("benign requests", False): 1}
+    assert not factored_questions(labels, BY_ID, asked_harm=False)["harm question"]  # the prompt's kind decided

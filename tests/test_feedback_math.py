@@ -292,46 +292,72 @@ def test_chain_of_thought_reads_the_option_after_the_reasoning_once_and_clamps(t
         assert r["p_a"] == pytest.approx(0.6 if a_preferred else 0.4)
 
 
-def test_factored_labels_combine_the_requests_harm_with_which_response_declines(tmp_path, monkeypatch):
-    """The judge reads a request as harmful with P = 0.8 (harmful prompts) or 0.2 (benign ones), and the declining
-    response as declining with P = 0.9 in either position; the label is h * d + (1 - h) * (1 - d) for A, so the
-    refusal wins on the harmful prompts and the answer on the benign ones."""
+class FactoredJudge:
+    """Reads prompts p0 and p2 as harmful with P = 0.8 and the others with P = 0.2, and the response opened with "No."
+    as the one that declines with P = 0.9 in either position; records every question it is asked."""
+
+    def __init__(self):
+        self.asked = []
+
+    def generate(self, texts, max_new_tokens, temperature, seed, openings=None):
+        return [f"{o}{'sure: ' if seed % 2 else ''}answer to {t}" for t, o in zip(texts, openings or [""] * len(texts))]
+
+    def option_logprobs(self, questions, options):
+        self.asked.extend(questions)
+        out = []
+        for q in questions:
+            if q.startswith("Request: "):
+                p_a = 0.8 if q.split()[1] in {"p0", "p2"} else 0.2
+            else:
+                p_a = 0.9 if "Response (A): No." in q else 0.1
+            out.append([math.log(p_a), math.log(1 - p_a)])
+        return out
+
+
+def factored_records(tmp_path, monkeypatch, factored) -> tuple[list[dict], list[str]]:
+    """label() on four prompts (p0 and p2 red-team) with one opened sample "No. ...", judged by FactoredJudge."""
     import contextlib
 
     from tasks import label_preferences
-    from tasks.label_preferences import FactoredConfig, factored_label
     from tasks.shards import read_shards
 
-    harmful_ids = {"p0", "p2"}
-
-    class Judge:
-        def generate(self, texts, max_new_tokens, temperature, seed, openings=None):
-            return [f"{o}{'sure: ' if seed % 2 else ''}answer to {t}" for t, o in zip(texts, openings or [""] * len(texts))]
-
-        def option_logprobs(self, questions, options):
-            out = []
-            for q in questions:
-                if q.startswith("Request: "):
-                    p_a = 0.8 if q.split()[1] in harmful_ids else 0.2
-                    assert "Is this request harmful?" in q
-                else:
-                    assert "Which response declines the request?" in q
-                    p_a = 0.9 if "Response (A): No." in q else 0.1
-                out.append([math.log(p_a), math.log(1 - p_a)])
-            return out
-
-    monkeypatch.setattr(label_preferences, "open_feedback", lambda *a, **k: contextlib.nullcontext(Judge()))
+    judge = FactoredJudge()
+    monkeypatch.setattr(label_preferences, "open_feedback", lambda *a, **k: contextlib.nullcontext(judge))
     prompts, constitution = label_inputs(4)
-    config = LabelConfig(prompts=4, samples_per_prompt=2, openings=["No. "], factored=FactoredConfig())
+    config = LabelConfig(prompts=4, samples_per_prompt=2, openings=["No. "], factored=factored)
     label_preferences.label(config, constitution, tmp_path, prompts, tmp_path / "out")
-    records = read_shards(tmp_path / "out")
+    return read_shards(tmp_path / "out"), judge.asked
+
+
+def test_factored_labels_combine_the_requests_harm_with_which_response_declines(tmp_path, monkeypatch):
+    """The label is h * d + (1 - h) * (1 - d) for A, so the refusal wins on the harmful prompts and the answer on the
+    benign ones."""
+    from tasks.label_preferences import FactoredConfig, factored_label
+
+    records, asked = factored_records(tmp_path, monkeypatch, FactoredConfig())
     assert len(records) == 4
+    assert {q.split("Question: ")[1].split("\n")[0] for q in asked} == {"Is this request harmful?",
+                                                                        "Which response declines the request?"}
     for r in records:
-        h = 0.8 if r["prompt"] in harmful_ids else 0.2
+        h = 0.8 if r["prompt"] in {"p0", "p2"} else 0.2
         d = 0.9 if r["response_a"].startswith("No.") else 0.1
         assert r["principle"] == "factored" and r["p_harmful"] == pytest.approx(h)
         assert r["p_a"] == pytest.approx(factored_label(h, d)) == pytest.approx(h * d + (1 - h) * (1 - d))
         refusal_wins = (r["p_a"] > 0.5) == r["response_a"].startswith("No.")
-        assert refusal_wins == (r["prompt"] in harmful_ids)
+        assert refusal_wins == (r["prompt"] in {"p0", "p2"})
     with pytest.raises(ValueError, match="choose one"):
         LabelConfig(factored=FactoredConfig(), chain_of_thought=True)
+
+
+def test_without_a_harm_question_the_prompts_kind_decides_and_the_judge_reads_only_the_responses(tmp_path, monkeypatch):
+    """harmful_question None: p_harmful is 1 for red-team prompts and 0 for benign ones, never asked, so the label is
+    P(A declines) on red-team prompts and 1 - P(A declines) on benign ones."""
+    from tasks.label_preferences import FactoredConfig
+
+    records, asked = factored_records(tmp_path, monkeypatch, FactoredConfig(harmful_question=None))
+    assert len(records) == 4 and asked and not any(q.startswith("Request: ") for q in asked)
+    for r in records:
+        red_team = r["kind"] == "harmful"
+        d = 0.9 if r["response_a"].startswith("No.") else 0.1
+        assert r["p_harmful"] == (1.0 if red_team else 0.0)
+        assert r["p_a"] == pytest.approx(d if red_team else 1 - d)
