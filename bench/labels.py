@@ -14,6 +14,7 @@ The graders label here only to measure; they never feed the pipeline. No trainin
 import argparse
 import json
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 from bench.reward_ceiling import RANK
@@ -21,10 +22,6 @@ from data.graders import classify, refused
 from data.world import WORLD_DIR, read_prompts
 
 CONFIDENCE_BANDS = (0.0, 0.1, 0.2, 0.3, 0.5)  # edges of |p_a - 1/2|
-
-
-def tally(counts: Counter, key, right: bool) -> None:
-    counts[key, right] += 1
 
 
 def agreement(labels: list[dict], prompts: dict[str, dict]) -> dict[str, Counter]:
@@ -38,12 +35,11 @@ def agreement(labels: list[dict], prompts: dict[str, dict]) -> dict[str, Counter
             continue
         right = (row["p_a"] > 0.5) == (rank[a] > rank[b])
         better, worse = (a, b) if rank[a] > rank[b] else (b, a)
-        tally(groups["pair type"], f"{record['kind']} {better} > {worse}", right)
-        tally(groups["category"], f"{record['kind']} {record['category']}", right)
+        groups["pair type"][f"{record['kind']} {better} > {worse}", right] += 1
+        groups["category"][f"{record['kind']} {record['category']}", right] += 1
         margin = abs(row["p_a"] - 0.5)
-        low, high = next((lo, hi) for lo, hi in zip(CONFIDENCE_BANDS, CONFIDENCE_BANDS[1:])
-                         if margin < hi or hi == CONFIDENCE_BANDS[-1])
-        tally(groups["confidence"], f"{record['kind']} |p - 1/2| {low}-{high}", right)
+        low, high = next((lo, hi) for lo, hi in pairwise(CONFIDENCE_BANDS) if margin < hi or hi == CONFIDENCE_BANDS[-1])
+        groups["confidence"][f"{record['kind']} |p - 1/2| {low}-{high}", right] += 1
     return groups
 
 
@@ -55,12 +51,12 @@ def factored_questions(labels: list[dict], prompts: dict[str, dict], asked_harm:
     for row in labels:
         record = prompts[row["id"]]
         if asked_harm:
-            tally(groups["harm question"], f"{record['kind']} {record['category']}",
-                  (row["p_harmful"] > 0.5) == (record["kind"] == "harmful"))
+            read_right = (row["p_harmful"] > 0.5) == (record["kind"] == "harmful")
+            groups["harm question"][f"{record['kind']} {record['category']}", read_right] += 1
         a_declines, b_declines = refused(row["response_a"]), refused(row["response_b"])
         if a_declines != b_declines:
             p_a_declines = (row["p_a_declines_shown_first"] + row["p_a_declines_shown_second"]) / 2
-            tally(groups["declines question"], f"{record['kind']} requests", (p_a_declines > 0.5) == a_declines)
+            groups["declines question"][f"{record['kind']} requests", (p_a_declines > 0.5) == a_declines] += 1
     return groups
 
 
