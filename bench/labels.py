@@ -81,7 +81,7 @@ def main() -> None:
     run = args.store / "label_preferences" / args.labels
     if not (run / "manifest.json").is_file():
         raise SystemExit(f"{run}: no finished label_preferences step with that key in the store")
-    factored = json.loads((run / "manifest.json").read_text())["config"]["factored"]
+    factored = json.loads((run / "manifest.json").read_text())["config"].get("factored")
     prompts = {p["id"]: p for p in read_prompts(args.world / "prompts.jsonl")}
     labels = read_shards(run)
     print(f"{len(labels)} labelled pairs in {run}")
