@@ -8,12 +8,13 @@ step.field=value` overrides last. Everything is validated before any work starts
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.critique_revise import CritiqueReviseConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.evaluate_multimodal import MultimodalEvalConfig
 from tasks.import_policy import PolicyConfig
+from tasks.judge import JudgeConfig
 from tasks.label_preferences import LabelConfig
 from tasks.pretrain import PretrainConfig
 from tasks.reward_model import RewardConfig
@@ -52,6 +53,7 @@ class PipelineConfig(BaseModel):
     critique_revise: CritiqueReviseConfig = CritiqueReviseConfig()
     sl_cai: SLCAIConfig = SLCAIConfig()
     label_preferences: LabelConfig = LabelConfig()
+    judge: JudgeConfig = JudgeConfig()  # after label_preferences: its check reads it
     reward_model: RewardConfig = RewardConfig()
     rl: RLConfig = RLConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -67,6 +69,20 @@ class PipelineConfig(BaseModel):
                 if isinstance(given, dict) and isinstance(field.default, BaseModel):
                     values = {**values, name: {**field.default.model_dump(exclude_unset=True), **given}}
         return values
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_taught_what_it_is_asked(cls, judge, info):
+        """The judge step teaches the declines question alone, to the model that label_preferences would load."""
+        labels = info.data.get("label_preferences")
+        if judge.steps and labels is not None:
+            if labels.factored is None or labels.factored.harmful_question is not None:
+                raise ValueError("judge.steps > 0 teaches the judge only which response declines: set "
+                                 "label_preferences.factored.harmful_question to null (the prompt's kind decides)")
+            if labels.feedback.backend != "hf" or labels.feedback.model is not None:
+                raise ValueError("judge.steps > 0 makes the judge step's model the feedback model: leave "
+                                 "label_preferences.feedback at the hf backend without a model")
+        return judge
 
     @model_validator(mode="after")
     def _seed_every_step(self):

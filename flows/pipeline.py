@@ -7,6 +7,7 @@ from tasks.critique_revise import critique_revise_task
 from tasks.evaluate import evaluate_task
 from tasks.evaluate_multimodal import evaluate_multimodal_task
 from tasks.import_policy import import_policy_task
+from tasks.judge import judge_task
 from tasks.label_preferences import label_preferences_task
 from tasks.pretrain import pretrain_task
 from tasks.reward_model import reward_model_task
@@ -32,7 +33,8 @@ STEP_GRAPH: dict[str, tuple[str, ...]] = {
     "critique_revise": ("sft",),
     "sl_cai": ("sft", "critique_revise"),
     "evaluate_sl_cai": ("sl_cai",),
-    "label_preferences": ("sl_cai", "sft"),  # sft answers too when label_preferences.samples_from_sft > 0
+    "judge": ("sl_cai",),
+    "label_preferences": ("sl_cai", "sft", "judge"),  # sft answers too when label_preferences.samples_from_sft > 0
     "reward_model": ("sl_cai", "label_preferences"),
     "rl": ("sl_cai", "reward_model"),
     "evaluate_rl": ("rl",),
@@ -40,8 +42,12 @@ STEP_GRAPH: dict[str, tuple[str, ...]] = {
 
 
 def step_graph(cfg: PipelineConfig) -> dict[str, tuple[str, ...]]:
-    """STEP_GRAPH for this config: the policy comes from import_policy or from pretrain_dense, never both."""
+    """STEP_GRAPH for this config: the policy comes from import_policy or from pretrain_dense, never both; the judge
+    step is there only when judge.steps > 0."""
     graph = dict(STEP_GRAPH)
+    if not cfg.judge.steps:
+        del graph["judge"]
+        graph["label_preferences"] = ("sl_cai", "sft")
     if cfg.policy.model_dir is not None:
         graph["sft"] = ("import_policy",)
         del graph["pretrain_dense"]
@@ -120,7 +126,10 @@ def pipeline(cfg: PipelineConfig, st: Store, steps: list[str] | None = None) -> 
     sl_cai = sl_cai_task(cfg.sl_cai, st, sft, traces, world) if "sl_cai" in run else None
     if "evaluate_sl_cai" in run:
         evaluate_task(cfg.evaluate, st, sl_cai, prompts, heldout)
-    labels = label_preferences_task(cfg.label_preferences, st, sl_cai, sft, cfg.constitution, prompts) if "label_preferences" in run else None
+    judge = None
+    if "judge" in run:
+        judge = judge_task(cfg.judge, st, sl_cai, world, cfg.label_preferences.factored.declines_question)
+    labels = label_preferences_task(cfg.label_preferences, st, sl_cai, sft, cfg.constitution, prompts, judge) if "label_preferences" in run else None
     reward = reward_model_task(cfg.reward_model, st, sl_cai, labels, world) if "reward_model" in run else None
     policy = rl_task(cfg.rl, st, sl_cai, reward, prompts) if "rl" in run else None
     if "evaluate_rl" in run:

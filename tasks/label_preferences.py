@@ -18,10 +18,10 @@ constitution's principles, the tiny judge prefers the compliant answer (README, 
 
 `openings` add samples that begin with a given text ("Sorry, I can't"), so pairs can hold a refusal the policy would
 not write. `factored` replaces the principle with two questions, whether the request is harmful and which response
-declines, combined by `factored_label`; without the first, the prompt's kind stands for it. All are off in the
-preset: the tiny judge reads neither question until it is taught them, which sft does not do yet; with a judge
-taught the second, the reward model rose to 80-83% on seeds 1 and 2 (README, "The request's kind from its prompt
-set").
+declines, combined by `factored_label`; without the first, the prompt's kind stands for it. The tiny judge reads
+neither question until it is taught them; the judge step (tasks/judge.py) teaches it the second, and with its labels
+the reward model ranks 71-83% of held-out pairs right on seeds 1 and 2. All are off in the preset: rl on that reward
+model refuses more harmless requests than the goals allow (README, "The judge step").
 """
 
 import random
@@ -134,15 +134,17 @@ def choose_prompts(cfg: LabelConfig, prompts: list[dict]) -> list[dict]:
 
 
 def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: list[dict], out_dir: Path,
-          sft: Path | None = None) -> dict:
+          sft: Path | None = None, judge_model: Path | None = None) -> dict:
+    """`judge_model`: the judge step's model, which then asks the questions in place of cfg.feedback's model."""
     chosen = choose_prompts(cfg, prompts)
+    feedback = cfg.feedback.model_copy(update={"model": judge_model}) if judge_model else cfg.feedback
     clamp = cfg.effective_clamp()
     if cfg.samples_from_sft and sft is None:
         raise ValueError("label_preferences.samples_from_sft needs the sft model's directory")
     with open_feedback(FeedbackConfig(), policy_dir=policy) as answerer, \
             open_feedback(FeedbackConfig(), policy_dir=sft or policy,
                           policy=None if cfg.samples_from_sft else answerer) as sft_answerer, \
-            open_feedback(cfg.feedback, policy_dir=policy, policy=answerer) as judge:
+            open_feedback(feedback, policy_dir=policy, policy=answerer) as judge:
 
         def judge_order(questions: list[str], seed: int) -> list[float]:
             if not cfg.chain_of_thought:
@@ -216,16 +218,18 @@ def label(cfg: LabelConfig, constitution: Constitution, policy: Path, prompts: l
 
 @task(name="label_preferences", cache_policy=store.NO_PREFECT_CACHE, persist_result=False)
 def label_preferences_task(cfg: LabelConfig, st: store.Store, sl_cai: store.StepRef, sft: store.StepRef,
-                           constitution_path: Path, prompts_path: Path):
+                           constitution_path: Path, prompts_path: Path, judge: store.StepRef | None = None):
     from constitutions.schema import load as load_constitution
     from data.world import read_prompts
 
     constitution = load_constitution(constitution_path)
     prompts = read_prompts(prompts_path)
     ref = st.run(
-        # sft is an input only where it answers
-        "label_preferences", cfg, inputs=[sl_cai, sft] if cfg.samples_from_sft else [sl_cai],
+        # sft and the judge step are inputs only where they take part
+        "label_preferences", cfg,
+        inputs=[sl_cai, *([sft] if cfg.samples_from_sft else []), *([judge] if judge else [])],
         files=[constitution_path, prompts_path], code=[__name__, "data", "tasks.feedback", "tasks.shards"],
-        work=lambda out: label(cfg, constitution, sl_cai.dir / "model", prompts, out, sft.dir / "model"),
+        work=lambda out: label(cfg, constitution, sl_cai.dir / "model", prompts, out, sft.dir / "model",
+                               judge.dir / "model" if judge else None),
     )
     return store.prefect_state(ref)

@@ -107,6 +107,18 @@ def test_a_section_override_keeps_the_sections_other_defaults():
     assert (cfg.pretrain_multimodal.model, cfg.pretrain_multimodal.lr) == ("multimodal-tiny", 0.001)
 
 
+def test_the_judge_step_trains_on_sl_cai_and_its_model_labels(first_run):
+    tmp, _, history, _ = first_run
+    cfg = load_config("smoke", ["judge.steps=2", "judge.requests=8",
+                                "label_preferences.factored={harmful_question: null}"])
+    again = by_name(pipeline(cfg, Store(tmp / "store"), ["label_preferences"]))
+    assert {name for name, step in again.items() if step["state"] == "Completed"} == {"judge", "label_preferences"}
+    assert again["sl_cai"]["key"] == by_name(history)["sl_cai"]["key"]
+    assert again["judge"]["metrics"]["steps"] == 2 and again["judge"]["metrics"]["examples"] == 32
+    manifest = json.loads((Path(again["label_preferences"]["path"]) / "manifest.json").read_text())
+    assert {i["step"] for i in manifest["inputs"]} == {"sl_cai", "judge"}
+
+
 def test_any_local_causal_lm_directory_runs_the_whole_chain(tmp_path, tokenizer):
     """A saved transformers LlamaForCausalLM, not one of our backbones, goes through sft ... rl and its evaluation."""
     import json
