@@ -36,6 +36,9 @@ class RewardConfig(BaseModel):
                                    "labels, e.g. human helpfulness comparisons; each line holds prompt, chosen and "
                                    "rejected, or prompt, response_a, response_b and p_a (P(A better), 0 to 1)")
     mix_limit: int | None = Field(None, ge=1, description="train on at most this many of mix_pairs (a seeded sample)")
+    min_label_margin: float = Field(0.0, ge=0, lt=0.5, description="train only on AI labels at least this far from "
+                                    "1/2: a label near 1/2 is a judge that could not decide, and it teaches the "
+                                    "reward model to score the pair alike")
     seed: int = 0
 
 
@@ -172,9 +175,10 @@ def train_reward_model(cfg: RewardConfig, base: Path, labels: list[dict], true_p
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     mixed = mixed_pairs(cfg)
+    decided = [r for r in labels if abs(r["p_a"] - 0.5) >= cfg.min_label_margin]
     rows = [{"a": encode(tokenizer, r["prompt"], r["response_a"], cfg.max_length),
              "b": encode(tokenizer, r["prompt"], r["response_b"], cfg.max_length), "p": r["p_a"]}
-            for r in labels + mixed]
+            for r in decided + mixed]
     checkpoints = out_dir / "checkpoints"
     args = TrainingArguments(
         output_dir=str(checkpoints), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
@@ -194,6 +198,7 @@ def train_reward_model(cfg: RewardConfig, base: Path, labels: list[dict], true_p
     shutil.rmtree(checkpoints)  # only a crashed run needs them
     (out_dir / "log_history.json").write_text(json.dumps(progress.history, indent=1))
     return {"train_loss": round(result.training_loss, 4), "pairs": len(rows), "mixed_pairs": len(mixed),
+            "undecided_labels_dropped": len(labels) - len(decided),
             **judge_true_pairs(trainer.model, tokenizer, true_pairs, cfg.max_length)}
 
 

@@ -169,6 +169,21 @@ def test_mixed_preference_pairs_rerun_the_reward_model_only(first_run, tmp_path)
     assert metrics["pairs"] == first["reward_model"]["metrics"]["pairs"] + 5
 
 
+def test_undecided_labels_are_left_out_of_the_reward_model(first_run):
+    from tasks.shards import read_shards
+
+    tmp, _, history, _ = first_run
+    labels = read_shards(Path(by_name(history)["label_preferences"]["path"]))
+    margin = sorted(abs(r["p_a"] - 0.5) for r in labels)[len(labels) // 2]  # about half the labels are nearer 1/2
+    again = by_name(pipeline(load_config("smoke", [f"reward_model.min_label_margin={margin}"]), Store(tmp / "store"),
+                             ["reward_model"]))
+    assert {name for name, step in again.items() if step["state"] == "Completed"} == {"reward_model"}
+    decided = sum(abs(r["p_a"] - 0.5) >= margin for r in labels)
+    assert 0 < decided < len(labels)
+    assert again["reward_model"]["metrics"]["pairs"] == decided
+    assert again["reward_model"]["metrics"]["undecided_labels_dropped"] == len(labels) - decided
+
+
 def test_the_reward_model_learns_the_mixed_pairs(first_run, tmp_path):
     """Trained on mixed pairs alone, the head ranks new pairs of the same kind as they say, and the other way round
     when the file says the opposite: the pairs, not the backbone, decide."""
