@@ -129,7 +129,9 @@ def pipeline(cfg: PipelineConfig, st: Store, steps: list[str] | None = None) -> 
     judge = None
     if "judge" in run:
         judge = judge_task(cfg.judge, st, sl_cai, world, cfg.label_preferences.factored.declines_question)
-    labels = label_preferences_task(cfg.label_preferences, st, sl_cai, sft, cfg.constitution, prompts, judge) if "label_preferences" in run else None
+    labels = None
+    if "label_preferences" in run:
+        labels = label_preferences_task(cfg.label_preferences, st, sl_cai, sft, cfg.constitution, prompts, judge)
     reward = reward_model_task(cfg.reward_model, st, sl_cai, labels, world) if "reward_model" in run else None
     policy = rl_task(cfg.rl, st, sl_cai, reward, prompts) if "rl" in run else None
     if "evaluate_rl" in run:

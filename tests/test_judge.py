@@ -91,7 +91,8 @@ def test_labels_are_read_by_the_judge_while_the_policy_answers(tmp_path, monkeyp
     prompts, constitution = label_inputs(4)
     config = LabelConfig(prompts=4, samples_per_prompt=2, openings=["Sorry "],
                          factored=FactoredConfig(harmful_question=None))
-    label_preferences.label(config, constitution, tmp_path / "sl_cai", prompts, tmp_path / "out", judge_model=tmp_path / "judge")
+    label_preferences.label(config, constitution, tmp_path / "sl_cai", prompts, tmp_path / "out",
+                            judge_model=tmp_path / "judge")
     records = read_shards(tmp_path / "out")
     assert len(records) == 4 and not opened["sl_cai"].asked and len(opened["judge"].asked) == 8
     assert all("sl_cai" in r["response_a"] and "sl_cai" in r["response_b"] for r in records)  # the policy wrote both
