@@ -84,6 +84,15 @@ class PipelineConfig(BaseModel):
                                  "label_preferences.feedback at the hf backend without a model")
         return judge
 
+    @field_validator("rl")
+    @classmethod
+    def _kind_needs_a_gate(cls, rl, info):
+        reward_model = info.data.get("reward_model")
+        if rl.request_kind_from_prompts and reward_model is not None and not reward_model.request_gate:
+            raise ValueError("rl.request_kind_from_prompts mixes a gated reward model's two rewards: set "
+                             "reward_model.request_gate to true")
+        return rl
+
     @model_validator(mode="after")
     def _seed_every_step(self):
         if self.seed is not None:

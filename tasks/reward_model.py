@@ -7,6 +7,15 @@ Trainer unchanged: a collator stacks each batch's A and B responses, `compute_lo
 `mix_pairs` adds a preference file of the user's to the AI labels, as the paper's preference model mixed human
 helpfulness comparisons with its AI harmlessness labels (sec. 4.1): pairs sampled from the SL-CAI policy seldom show a
 needless refusal losing, so a head trained on them alone learns that refusing wins (`bench.reward_ceiling`).
+
+`request_gate` splits the head by the request. One scalar head has to score the same compliment high under a
+compliment request and low under an insult request, from the reply's end; at this scale it trades one kind's misses
+for the other's. The gated head has three outputs: a reward for the reply if the request is harmful, one if it is
+benign, and a logit that the request is harmful, read from the request alone. The reward is their mixture
+r = g * r_harmful + (1 - g) * r_benign with g = sigmoid(request logit). In training the gate is the label's own
+reading of the request (`p_harmful` of a factored label, else the prompt's kind), and the request logit learns it
+with a cross-entropy term; each reward output so learns from its own kind's pairs only. In rl and evaluation the
+gate is the model's own reading.
 """
 
 import json
@@ -39,12 +48,15 @@ class RewardConfig(BaseModel):
     min_label_margin: float = Field(0.0, ge=0, lt=0.5, description="train only on AI labels at least this far from "
                                     "1/2: a label near 1/2 is a judge that could not decide, and it teaches the "
                                     "reward model to score the pair alike")
+    request_gate: bool = Field(False, description="a reward for each kind of request, mixed by the model's own "
+                               "reading of whether the request is harmful (see the module's docstring)")
     seed: int = 0
 
 
 def read_mixed_pairs(path: Path) -> list[dict]:
-    """The pairs of a `mix_pairs` file as labelled pairs {prompt, response_a, response_b, p_a}; a chosen/rejected line
-    is p_a = 1. A malformed line raises InputError naming `path:line`."""
+    """The pairs of a `mix_pairs` file as labelled pairs {prompt, response_a, response_b, p_a, kind}; a chosen/rejected
+    line is p_a = 1, and a line without a kind is a benign request's. A malformed line raises InputError naming
+    `path:line`."""
     from data.world import WorldFileError, read_jsonl
 
     try:
@@ -65,7 +77,11 @@ def read_mixed_pairs(path: Path) -> list[dict]:
             raise store.InputError(f"{where}: a pair needs chosen and rejected, or response_a, response_b and p_a")
         if not all(isinstance(t, str) and t.strip() for t in texts):
             raise store.InputError(f"{where}: both responses should be non-empty strings")
-        pairs.append({"prompt": row["prompt"], "response_a": texts[0], "response_b": texts[1], "p_a": float(p_a)})
+        kind = row.get("kind", "benign")
+        if kind not in ("harmful", "benign"):
+            raise store.InputError(f"{where}: kind should be harmful or benign, not {kind!r}")
+        pairs.append({"prompt": row["prompt"], "response_a": texts[0], "response_b": texts[1], "p_a": float(p_a),
+                      "kind": kind})
     if not pairs:
         raise store.InputError(f"{path}: no preference pairs in it")
     return pairs
@@ -104,38 +120,89 @@ def encode(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
     return ids[-max_length:]  # keep the end: the reply is what is judged
 
 
+def encode_request(tokenizer, prompt: str, max_length: int) -> list[int]:
+    """The request alone, up to where the reply would start: what the gated head's request logit reads."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"]
+    return ids[-max_length:]
+
+
+def request_harm(row: dict) -> float:
+    """The gate's training target: a factored label's reading of the request, else the prompt's kind."""
+    return float(row.get("p_harmful", row.get("kind") == "harmful"))
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding: the head reads the last non-pad token."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 def pair_collator(pad_id: int):
+    """A batch of n pairs as 2n sequences, A's then B's, labelled with P(A better); for the gated head the n requests
+    follow as a third block, and each label is [P(A better), request harm]."""
     def collate(rows: list[dict]) -> dict:
         sequences = [r["a"] for r in rows] + [r["b"] for r in rows]
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), pad_id)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, s in enumerate(sequences):  # right padding: the head reads the last non-pad token
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["p"] for r in rows])}
+        labels = torch.tensor([r["p"] for r in rows])
+        if "request" in rows[0]:
+            sequences += [r["request"] for r in rows]
+            labels = torch.tensor([[r["p"], r["harm"]] for r in rows])
+        ids, mask = pad_right(sequences, pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     return collate
 
 
 def pairwise_loss(outputs, labels, num_items_in_batch=None) -> torch.Tensor:
-    r_a, r_b = outputs.logits.squeeze(-1).float().chunk(2)
-    return soft_label_loss(r_a, r_b, labels.float())
+    logits = outputs.logits.float()
+    if labels.dim() == 1:
+        r_a, r_b = logits.squeeze(-1).chunk(2)
+        return soft_label_loss(r_a, r_b, labels.float())
+    a, b, request = logits.chunk(3)
+    p, harm = labels.float().unbind(-1)
+    # The label's reading of the request picks which reward output the pair teaches.
+    r_a = harm * a[:, 0] + (1 - harm) * a[:, 1]
+    r_b = harm * b[:, 0] + (1 - harm) * b[:, 1]
+    return soft_label_loss(r_a, r_b, p) + F.binary_cross_entropy_with_logits(request[:, 2], harm)
+
+
+def is_gated(model) -> bool:
+    return model.config.num_labels == 3
 
 
 @torch.inference_mode()
-def rewards(model, tokenizer, prompts: list[str], responses: list[str], max_length: int, batch_size: int = 32):
+def forward_last(model, sequences: list[list[int]], pad_id: int, batch_size: int) -> torch.Tensor:
+    """The head's outputs at each sequence's last token, in batches."""
     model.eval()
-    out = []
-    collate = pair_collator(tokenizer.pad_token_id)
-    for start in range(0, len(prompts), batch_size):
-        rows = [{"a": encode(tokenizer, p, r, max_length), "b": [tokenizer.pad_token_id], "p": 0.0}
-                for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size])]
-        batch = collate(rows)
-        n = len(rows)
-        logits = model(input_ids=batch["input_ids"][:n], attention_mask=batch["attention_mask"][:n]).logits
-        out.extend(logits.squeeze(-1).float().tolist())
-    return out
+    out = [torch.zeros(0, model.config.num_labels)]
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = pad_right(sequences[start : start + batch_size], pad_id)
+        out.append(model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu())
+    return torch.cat(out)
+
+
+def request_gates(model, tokenizer, prompts: list[str], max_length: int, batch_size: int = 32) -> dict[str, float]:
+    """The gated head's P(request harmful) for each distinct prompt."""
+    distinct = sorted(set(prompts))
+    logits = forward_last(model, [encode_request(tokenizer, p, max_length) for p in distinct],
+                          tokenizer.pad_token_id, batch_size)
+    return dict(zip(distinct, torch.sigmoid(logits[:, 2]).tolist()))
+
+
+def rewards(model, tokenizer, prompts: list[str], responses: list[str], max_length: int, batch_size: int = 32,
+            gate: dict[str, float] | None = None) -> list[float]:
+    """One reward per reply. A gated head mixes its two by its own reading of each request, or by `gate`'s."""
+    logits = forward_last(model, [encode(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)],
+                          tokenizer.pad_token_id, batch_size)
+    if not is_gated(model):
+        return logits.squeeze(-1).tolist()
+    gate = gate or request_gates(model, tokenizer, prompts, max_length, batch_size)
+    return [gate[p] * row[0] + (1 - gate[p]) * row[1] for p, row in zip(prompts, logits.tolist())]
 
 
 def judge_true_pairs(model, tokenizer, pairs: list[dict], max_length: int) -> dict:
@@ -150,6 +217,17 @@ def judge_true_pairs(model, tokenizer, pairs: list[dict], max_length: int) -> di
     for kind in sorted({p["kind"] for p in pairs}):
         idx = [i for i, p in enumerate(pairs) if p["kind"] == kind]
         by_kind[f"heldout_accuracy_{kind}"] = round(sum(better[i] > worse[i] for i in idx) / len(idx), 4)
+    if is_gated(model) and pairs:
+        # Which of the head's two parts errs: its reading of the request, or its rewards once the kind is known.
+        prompts = [p["prompt"] for p in pairs]
+        gate = request_gates(model, tokenizer, prompts, max_length)
+        by_kind["heldout_request_accuracy"] = round(
+            sum((gate[p["prompt"]] >= 0.5) == (p["kind"] == "harmful") for p in pairs) / len(pairs), 4)
+        known = {p["prompt"]: float(p["kind"] == "harmful") for p in pairs}
+        better_known = rewards(model, tokenizer, prompts, [p["better"] for p in pairs], max_length, gate=known)
+        worse_known = rewards(model, tokenizer, prompts, [p["worse"] for p in pairs], max_length, gate=known)
+        by_kind["heldout_accuracy_kind_known"] = round(
+            sum(b > w for b, w in zip(better_known, worse_known)) / len(pairs), 4)
     return {
         "heldout_pairs": len(pairs),
         "heldout_accuracy": round(sum(b > w for b, w in zip(better, worse)) / max(len(pairs), 1), 4),
@@ -172,13 +250,16 @@ def train_reward_model(cfg: RewardConfig, base: Path, labels: list[dict], true_p
 
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3 if cfg.request_gate else 1)
     model.config.pad_token_id = tokenizer.pad_token_id
     mixed = mixed_pairs(cfg)
     decided = [r for r in labels if abs(r["p_a"] - 0.5) >= cfg.min_label_margin]
     rows = [{"a": encode(tokenizer, r["prompt"], r["response_a"], cfg.max_length),
              "b": encode(tokenizer, r["prompt"], r["response_b"], cfg.max_length), "p": r["p_a"]}
             for r in decided + mixed]
+    if cfg.request_gate:
+        for row, r in zip(rows, decided + mixed):
+            row.update(request=encode_request(tokenizer, r["prompt"], cfg.max_length), harm=request_harm(r))
     checkpoints = out_dir / "checkpoints"
     args = TrainingArguments(
         output_dir=str(checkpoints), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,

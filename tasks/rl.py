@@ -35,6 +35,9 @@ class RLConfig(BaseModel):
     min_mean_length: float = Field(3.0, ge=0, description="stop when the mean completion collapses below this")
     max_clipped_ratio: float = Field(0.9, gt=0, le=1, description="stop when this share of completions hits the cap")
     checkpoint_every: int = Field(10, ge=1)
+    request_kind_from_prompts: bool = Field(False, description="a gated reward model mixes its rewards by each "
+                                            "prompt's set (red-team or benign) instead of its own reading of the "
+                                            "request, as factored labels without a harm question do")
     seed: int = 0
 
 
@@ -71,19 +74,44 @@ def rl_prompts(cfg: RLConfig, prompts: list[dict]) -> list[dict]:
     n_benign = round(cfg.benign_share * total)
     chosen = rng.choices(harmful, k=total - n_benign) + rng.choices(benign, k=n_benign)
     rng.shuffle(chosen)
-    return [{"prompt": [{"role": "user", "content": p["prompt"]}]} for p in chosen]
+    return [{"prompt": [{"role": "user", "content": p["prompt"]}], "kind": p["kind"]} for p in chosen]
 
 
-def train_rl(cfg: RLConfig, policy: Path, reward_model: Path, prompts: list[dict], out_dir: Path) -> dict:
+def reward_function(reward_model: Path, max_length: int, kind_from_prompts: bool = False):
+    """The reward model as a TRL reward function. It reads each conversation as the reward model was trained to (the
+    same template and the same cut to its max_length), and a gated head mixes its two rewards by its own reading of
+    the request, or with `kind_from_prompts` by the prompt's kind (TRL passes the dataset's kind column): TRL's
+    built-in path reads one scalar output only."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tasks.reward_model import is_gated, rewards
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model)
+    tokenizer = AutoTokenizer.from_pretrained(reward_model)
+
+    if kind_from_prompts and not is_gated(model):
+        raise ValueError(f"rl.request_kind_from_prompts needs a gated reward model; {reward_model} has one output "
+                         f"(set reward_model.request_gate)")
+
+    def reward_model_score(prompts, completions, kind, **kwargs) -> list[float]:
+        requests = [p[-1]["content"] for p in prompts]
+        gate = {r: float(k == "harmful") for r, k in zip(requests, kind)} if kind_from_prompts else None
+        return rewards(model, tokenizer, requests, [c[-1]["content"] for c in completions], max_length, gate=gate)
+
+    reward_model_score.model = model  # rl moves it to the trainer's device
+    return reward_model_score
+
+
+def train_rl(cfg: RLConfig, policy: Path, reward_model: Path, reward_max_length: int, prompts: list[dict],
+             out_dir: Path) -> dict:
     import datasets
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback
+    from transformers import AutoTokenizer, PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     import models  # noqa: F401  registers our backbones with the Auto classes
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
-    reward = AutoModelForSequenceClassification.from_pretrained(reward_model, num_labels=1)
-    reward_tokenizer = AutoTokenizer.from_pretrained(reward_model)
+    reward = reward_function(reward_model, reward_max_length, cfg.request_kind_from_prompts)
     checkpoints = out_dir / "checkpoints"
     on_cpu = not torch.cuda.is_available()
     args = GRPOConfig(
@@ -111,13 +139,13 @@ def train_rl(cfg: RLConfig, policy: Path, reward_model: Path, prompts: list[dict
     trainer = GRPOTrainer(
         model=str(policy),  # a path: with beta > 0 TRL reloads the reference model from it
         reward_funcs=reward,
-        reward_processing_classes=reward_tokenizer,
         args=args,
         train_dataset=datasets.Dataset.from_list(rl_prompts(cfg, prompts)),
         processing_class=tokenizer,
         callbacks=[progress, guard(cfg)],
     )
     trainer.remove_callback(PrinterCallback)
+    reward.model.to(trainer.accelerator.device)
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(checkpoints))
     trainer.model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
@@ -135,6 +163,11 @@ def train_rl(cfg: RLConfig, policy: Path, reward_model: Path, prompts: list[dict
             "kl_last": mean(last, "kl"), "length_last": mean(last, "completions/mean_length"), "curve": curve}
 
 
+def reward_max_length(reward: store.StepRef) -> int:
+    """The cut the reward model was trained with, from its manifest: rl reads each conversation the same way."""
+    return json.loads((reward.dir / store.MANIFEST).read_text())["config"]["max_length"]
+
+
 @task(name="rl", cache_policy=store.NO_PREFECT_CACHE, persist_result=False)
 def rl_task(cfg: RLConfig, st: store.Store, sl_cai: store.StepRef, reward: store.StepRef, prompts_path: Path):
     from prefect.artifacts import create_table_artifact
@@ -144,7 +177,8 @@ def rl_task(cfg: RLConfig, st: store.Store, sl_cai: store.StepRef, reward: store
     prompts = read_prompts(prompts_path)
     ref = st.run(
         "rl", cfg, inputs=[sl_cai, reward], files=[prompts_path], code=[__name__],
-        work=lambda out: train_rl(cfg, sl_cai.dir / "model", reward.dir / "model", prompts, out),
+        work=lambda out: train_rl(cfg, sl_cai.dir / "model", reward.dir / "model", reward_max_length(reward), prompts,
+                                  out),
     )
     create_table_artifact(ref.metrics.get("curve", []), key="rl-curve", description="rl: reward, KL, length per step")
     return store.prefect_state(ref)

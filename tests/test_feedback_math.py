@@ -15,7 +15,7 @@ import torch
 
 from tasks.feedback import averaged_label, option_probability
 from tasks.label_preferences import LabelConfig
-from tasks.reward_model import expected_calibration_error, soft_label_loss
+from tasks.reward_model import expected_calibration_error, pairwise_loss, soft_label_loss
 from tasks.rl import RLConfig, RLDiverged, guard
 
 
@@ -27,6 +27,25 @@ def test_soft_label_loss_matches_the_formula():
     # a hard label of 1 reduces it to the Bradley-Terry loss -log sigmoid(r_A - r_B)
     assert soft_label_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1.0])).item() == pytest.approx(
         -math.log(sig(1)), rel=1e-6)
+
+
+def test_the_gated_loss_teaches_each_pair_to_its_requests_reward_and_the_gate_its_kind():
+    """Columns: reward if harmful, reward if benign, request logit. Rows: the A block, the B block, the requests."""
+    logits = torch.tensor([[2.0, -1.0, 9.0], [0.5, 3.0, 9.0],     # A of a harmful pair, A of a benign pair
+                           [0.0, 4.0, 9.0], [1.5, 0.0, 9.0],      # B of each
+                           [7.0, 7.0, 1.0], [7.0, 7.0, -2.0]], requires_grad=True)  # the two requests
+    labels = torch.tensor([[0.9, 1.0], [0.2, 0.0]])  # [P(A better), request harm]
+    loss = pairwise_loss(type("Out", (), {"logits": logits}), labels)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    # harmful pair: r_A - r_B = 2 - 0 from column 0; benign pair: 3 - 0 from column 1; gate: BCE(1, 1) + BCE(-2, 0)
+    pairs = -((0.9 * math.log(sig(2)) + 0.1 * math.log(sig(-2))) + (0.2 * math.log(sig(3)) + 0.8 * math.log(sig(-3)))) / 2
+    gate = -(math.log(sig(1)) + math.log(1 - sig(-2))) / 2
+    assert loss.item() == pytest.approx(pairs + gate, rel=1e-6)
+    loss.backward()
+    grad = logits.grad
+    assert grad[0, 1] == grad[2, 1] == grad[1, 0] == grad[3, 0] == 0  # the other kind's reward learns nothing
+    assert grad[0, 0] != 0 and grad[1, 1] != 0
+    assert (grad[:4, 2] == 0).all() and (grad[4:, :2] == 0).all()  # the gate reads the requests, the rewards the replies
 
 
 def test_option_probability_and_order_averaging():

@@ -208,6 +208,60 @@ def test_the_reward_model_learns_the_mixed_pairs(first_run, tmp_path):
     assert accuracy == {"as written": 1.0, "reversed": 0.0}
 
 
+def test_the_gated_reward_model_ranks_one_reply_by_the_request(first_run, tmp_path):
+    """The same two replies, the answer better under a harmless request and the refusal better under a harmful one:
+    the gated head ranks both kinds of new pairs right, and reads the requests' kinds, from the requests alone."""
+    from tasks.reward_model import RewardConfig, train_reward_model
+
+    _, _, history, _ = first_run
+    sl_cai = Path(by_name(history)["sl_cai"]["path"]) / "model"
+    names = ["Ann", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lu", "Mo", "Ned", "Oz", "Pia"]
+    answer, refusal = " Here it is: Dunmere.", " I can't say."
+
+    def request(name, kind):
+        return f"Tell me {name}'s town." if kind == "benign" else f"Tell me {name}'s secret passcode, I will steal it."
+
+    rows = [{"prompt": request(n, kind), "kind": kind, "chosen": answer if kind == "benign" else refusal,
+             "rejected": refusal if kind == "benign" else answer} for n in names[:12] for kind in ("benign", "harmful")]
+    heldout = [{"prompt": request(n, kind), "kind": kind, "better": r["chosen"], "worse": r["rejected"]}
+               for n in names[12:] for kind, r in (("benign", rows[0]), ("harmful", rows[1]))]
+    cfg = RewardConfig(epochs=8, lr=1e-3, batch_size=4, mix_pairs=write_jsonl(tmp_path / "mix.jsonl", rows),
+                       request_gate=True)
+    metrics = train_reward_model(cfg, sl_cai, [], heldout, tmp_path / "gated")
+    assert metrics["heldout_accuracy_benign"] == metrics["heldout_accuracy_harmful"] == 1.0
+    assert metrics["heldout_request_accuracy"] == metrics["heldout_accuracy_kind_known"] == 1.0
+
+
+def test_rl_can_give_the_gated_reward_model_each_prompts_kind(first_run, tmp_path):
+    """With request_kind_from_prompts, rl's reward follows the prompt's set, whatever the head reads in the request:
+    the same harmless request scores the answer higher as a benign prompt and the refusal higher as a red-team one."""
+    from tasks.reward_model import RewardConfig, train_reward_model
+    from tasks.rl import reward_function
+    from tasks.store import InputError
+
+    _, _, history, _ = first_run
+    sl_cai = Path(by_name(history)["sl_cai"]["path"]) / "model"
+    answer, refusal = " Here it is: Dunmere.", " I can't say."
+    rows = [{"prompt": f"Tell me {n}'s {what}.", "kind": kind, "chosen": answer if kind == "benign" else refusal,
+             "rejected": refusal if kind == "benign" else answer}
+            for n in ("Ann", "Bo", "Cy", "Di", "Ed", "Flo") for kind, what in (("benign", "town"), ("harmful", "passcode"))]
+    cfg = RewardConfig(epochs=8, lr=1e-3, batch_size=4, mix_pairs=write_jsonl(tmp_path / "mix.jsonl", rows),
+                       request_gate=True)
+    train_reward_model(cfg, sl_cai, [], [], tmp_path / "gated")
+    score = reward_function(tmp_path / "gated" / "model", 256, kind_from_prompts=True)
+    prompt = [[{"role": "user", "content": "Tell me Gus's town."}]] * 2
+    replies = [[{"role": "assistant", "content": answer}], [{"role": "assistant", "content": refusal}]]
+    as_benign, as_harmful = score(prompt, replies, kind=["benign"] * 2), score(prompt, replies, kind=["harmful"] * 2)
+    assert as_benign[0] > as_benign[1] and as_harmful[1] > as_harmful[0]
+    own_reading = reward_function(tmp_path / "gated" / "model", 256)(prompt, replies, kind=["harmful"] * 2)
+    assert own_reading[0] > own_reading[1]  # without the option the head reads a town request as harmless
+    plain = Path(by_name(history)["reward_model"]["path"]) / "model"
+    with pytest.raises(ValueError, match="needs a gated reward model"):
+        reward_function(plain, 256, kind_from_prompts=True)
+    with pytest.raises(InputError, match="set reward_model.request_gate to true"):
+        load_config("smoke", ["rl.request_kind_from_prompts=true"])
+
+
 BAD_MIX = [
     ('{"prompt": "p", "chosen": "a"}', "2: both responses should be non-empty strings"),
     ('{"prompt": "p", "response_a": "a", "response_b": "b", "p_a": 1.5}', "2: p_a should be a number from 0 to 1, not 1.5"),
@@ -217,6 +271,7 @@ BAD_MIX = [
     ('{"chosen": "a", "rejected": "b"}', "2: missing field 'prompt'"),
     ('{"prompt": "p", "chosen": "a", "rejected": "b"', "2: invalid JSON"),
     ('["p", "a", "b"]', "2: expected a JSON object"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b", "kind": "rude"}', "2: kind should be harmful or benign, not 'rude'"),
 ]
 
 
@@ -236,8 +291,8 @@ def test_mix_pairs_read_both_forms_and_sample_with_the_seed(tmp_path):
 
     path = write_jsonl(tmp_path / "mix.jsonl", [{"prompt": "p", "chosen": "good", "rejected": "bad"},
                                                 {"prompt": "q", "response_a": "x", "response_b": "y", "p_a": 0.25}])
-    assert read_mixed_pairs(path) == [{"prompt": "p", "response_a": "good", "response_b": "bad", "p_a": 1.0},
-                                      {"prompt": "q", "response_a": "x", "response_b": "y", "p_a": 0.25}]
+    assert read_mixed_pairs(path) == [{"prompt": "p", "response_a": "good", "response_b": "bad", "p_a": 1.0, "kind": "benign"},
+                                      {"prompt": "q", "response_a": "x", "response_b": "y", "p_a": 0.25, "kind": "benign"}]
     many = write_jsonl(tmp_path / "many.jsonl", [{"prompt": str(i), "chosen": "a", "rejected": "b"} for i in range(50)])
     first = mixed_pairs(RewardConfig(mix_pairs=many, mix_limit=10))
     assert len(first) == 10 and first == mixed_pairs(RewardConfig(mix_pairs=many, mix_limit=10))
