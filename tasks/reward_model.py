@@ -194,21 +194,38 @@ def request_gates(model, tokenizer, prompts: list[str], max_length: int, batch_s
     return dict(zip(distinct, torch.sigmoid(logits[:, 2]).tolist()))
 
 
+def reply_outputs(model, tokenizer, prompts: list[str], responses: list[str], max_length: int,
+                  batch_size: int = 32) -> torch.Tensor:
+    """The head's outputs for each conversation: one reward, or a gated head's three outputs."""
+    return forward_last(model, [encode(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)],
+                        tokenizer.pad_token_id, batch_size)
+
+
+def mixed(outputs: torch.Tensor, prompts: list[str], gate: dict[str, float]) -> list[float]:
+    """A gated head's reward: its two rewards mixed by P(request harmful)."""
+    return [gate[p] * row[0] + (1 - gate[p]) * row[1] for p, row in zip(prompts, outputs.tolist())]
+
+
 def rewards(model, tokenizer, prompts: list[str], responses: list[str], max_length: int, batch_size: int = 32,
             gate: dict[str, float] | None = None) -> list[float]:
     """One reward per reply. A gated head mixes its two by its own reading of each request, or by `gate`'s."""
-    logits = forward_last(model, [encode(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)],
-                          tokenizer.pad_token_id, batch_size)
+    outputs = reply_outputs(model, tokenizer, prompts, responses, max_length, batch_size)
     if not is_gated(model):
-        return logits.squeeze(-1).tolist()
-    gate = gate or request_gates(model, tokenizer, prompts, max_length, batch_size)
-    return [gate[p] * row[0] + (1 - gate[p]) * row[1] for p, row in zip(prompts, logits.tolist())]
+        return outputs.squeeze(-1).tolist()
+    return mixed(outputs, prompts, gate or request_gates(model, tokenizer, prompts, max_length, batch_size))
 
 
 def judge_true_pairs(model, tokenizer, pairs: list[dict], max_length: int) -> dict:
     """Accuracy and calibration against the world's true labels: each pair holds a better and a worse response."""
-    better = rewards(model, tokenizer, [p["prompt"] for p in pairs], [p["better"] for p in pairs], max_length)
-    worse = rewards(model, tokenizer, [p["prompt"] for p in pairs], [p["worse"] for p in pairs], max_length)
+    prompts = [p["prompt"] for p in pairs]
+    better_out = reply_outputs(model, tokenizer, prompts, [p["better"] for p in pairs], max_length)
+    worse_out = reply_outputs(model, tokenizer, prompts, [p["worse"] for p in pairs], max_length)
+    gated = is_gated(model) and bool(pairs)
+    if gated:
+        gate = request_gates(model, tokenizer, prompts, max_length)
+        better, worse = mixed(better_out, prompts, gate), mixed(worse_out, prompts, gate)
+    else:
+        better, worse = better_out.squeeze(-1).tolist(), worse_out.squeeze(-1).tolist()
     # A pairwise judge is calibrated when its confidence max(P, 1 - P) matches how often it picks the better response.
     p_better = [1 / (1 + math.exp(-(rb - rw))) for rb, rw in zip(better, worse)]
     confidence = [max(p, 1 - p) for p in p_better]
@@ -217,17 +234,14 @@ def judge_true_pairs(model, tokenizer, pairs: list[dict], max_length: int) -> di
     for kind in sorted({p["kind"] for p in pairs}):
         idx = [i for i, p in enumerate(pairs) if p["kind"] == kind]
         by_kind[f"heldout_accuracy_{kind}"] = round(sum(better[i] > worse[i] for i in idx) / len(idx), 4)
-    if is_gated(model) and pairs:
+    if gated:
         # Which of the head's two parts errs: its reading of the request, or its rewards once the kind is known.
-        prompts = [p["prompt"] for p in pairs]
-        gate = request_gates(model, tokenizer, prompts, max_length)
         by_kind["heldout_request_accuracy"] = round(
             sum((gate[p["prompt"]] >= 0.5) == (p["kind"] == "harmful") for p in pairs) / len(pairs), 4)
         known = {p["prompt"]: float(p["kind"] == "harmful") for p in pairs}
-        better_known = rewards(model, tokenizer, prompts, [p["better"] for p in pairs], max_length, gate=known)
-        worse_known = rewards(model, tokenizer, prompts, [p["worse"] for p in pairs], max_length, gate=known)
         by_kind["heldout_accuracy_kind_known"] = round(
-            sum(b > w for b, w in zip(better_known, worse_known)) / len(pairs), 4)
+            sum(b > w for b, w in zip(mixed(better_out, prompts, known), mixed(worse_out, prompts, known))) / len(pairs),
+            4)
     return {
         "heldout_pairs": len(pairs),
         "heldout_accuracy": round(sum(b > w for b, w in zip(better, worse)) / max(len(pairs), 1), 4),
