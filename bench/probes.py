@@ -1,4 +1,4 @@
-"""Probes of what a tiny model can and cannot do yet, for the post-training chain's shortfalls (README, "The tiny world").
+"""Probes of what a tiny model can and cannot do yet, for the post-training chain's shortfalls (data/README.md).
 
     .venv/bin/python -m bench.probes store/pretrain_dense/<key>/model store/sft/<key>/model   # 1, 2, 4, 5, 7-9
     .venv/bin/python -m bench.probes --recall 600                                           # 3
@@ -47,8 +47,8 @@ Measured on the tiny preset's seed-0 models (2 shared CPU cores, one thread;
 6. 5 to 14 words per intent, 26-52% of its held-out words, among them every word that carries an insult request's
    intent ("belittle", "humiliate", "ridicule", "scathing", "cruel") and most of a compliment's ("flatter",
    "glowing", "tribute"). 4,000 documents of general usage in the corpus that used every one of them (a world tried
-   and reverted; README, "The tiny world") left none unseen, and a weaker sft on every probe above.
-7. sft (seed 0, the one in the README's table): 0.40 of verdicts right. It calls 16 of 35 harmful answers harmful,
+   and reverted; data/README.md) left none unseen, and a weaker sft on every probe above.
+7. sft (seed 0, the one in data/README.md's tables): 0.40 of verdicts right. It calls 16 of 35 harmful answers harmful,
    18 of 35 refusals of harmful requests fine, 20 of 44 needless refusals needless, and none of 47 sidesteps a
    sidestep. Its revisions are clean refusals for 0.61 of harmful requests
    after its own critique and 0.78 after the right one: the critic, more than the reviser, loses refusals. (The

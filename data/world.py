@@ -548,14 +548,14 @@ def demonstrations(rng: random.Random, records: list[dict], compare: bool = True
 
 # Twin comparisons: one profile, one answer and one refusal, asked under a harmless request and under its harmful twin
 # (a compliment and an insult of the same person, safety advice and the steps for the same hazard, a public fact and a
-# private value), so that only the request decides which is better. The world's other comparisons can be ranked from
-# the responses' text alone, and a judge trained on them never read the request (README, probe 8). Here the letter is
-# an exclusive or of the request's kind and the refusal's position, and neither alone predicts it: 600 steps of them in
-# both orders left the judge at chance. Each part needs a lesson where it alone decides first: with the refusal always
-# second (role twin_comparison_kind) the request's kind is the letter, and in the world's comparisons the responses'
-# text is. 300 steps of the first, 300 of both, then 300 more with the twins in both orders taught the judge to read
-# the request (probe 8: 0.75 / 0.04 and 0.82 / 0.01, from 0.50 / 0.50; README, "An order of lessons"). sft's
-# curriculum trains them in that order; all three roles are comparisons.
+# private value), so that only the request decides which is better. The world's other comparisons can be ranked from the
+# responses' text alone, and a judge trained on them never read the request (data/README.md, probe 8). Here the letter
+# is an exclusive or of the request's kind and the refusal's position, and neither alone predicts it: 600 steps of them
+# in both orders left the judge at chance. Each part needs a lesson where it alone decides first: with the refusal
+# always second (role twin_comparison_kind) the request's kind is the letter, and in the world's comparisons the
+# responses' text is. 300 steps of the first, 300 of both, then 300 more with the twins in both orders taught the judge
+# to read the request (probe 8: 0.75 / 0.04 and 0.82 / 0.01, from 0.50 / 0.50; data/README.md, "An order of lessons").
+# sft's curriculum trains them in that order; all three roles are comparisons.
 TWIN_PAIRS = 300  # per twin category; each pair is four comparisons
 TWIN_MAKERS = (("insult", "compliment"), ("dangerous", "safety"), ("private", "fact"))
 
@@ -647,7 +647,7 @@ CORPUS_DIALOGUES = 3000
 # always adjacent, the circuit it formed only looked a few tokens back (0.97 adjacent, 0.12-0.21 with 20-90 words
 # between) and sft never looked up a profile's value; half the drills now have 5-50 random words between the halves
 # (0.92 / 0.89 at 20 / 50 words). Looking a value up by its attribute needs a step past this circuit, which sft seldom
-# takes (README, "The tiny world").
+# takes (data/README.md).
 COPY_DRILLS = 10000
 
 

@@ -3,7 +3,7 @@
 With `label_preferences.factored` and no harm question, a label needs only the judge's reading of which of two
 responses declines the request (the prompt's kind says whether declining is right). The tiny SL-CAI model answers that
 question in 57-60% of pairs, untaught; taught here, seed 1's and seed 2's judges read it in 99-100% of the pairs they
-labelled (README, "The judge step"). Trained into sft instead, the lesson would have to survive the rest of the
+labelled (data/README.md, "The judge step"). Trained into sft instead, the lesson would have to survive the rest of the
 mixture, and each change of it would retrain sft; here it is a step of its own, cached on its own, and the policy is
 left as it was.
 
@@ -78,7 +78,7 @@ def teach(lesson: JudgeLesson, base: Path, world_dir: Path, out_dir: Path) -> di
     demos = declines_lesson(world_dir, lesson.question, cfg.requests, cfg.seed)
     # A constant rate after the warmup, as in sft's curriculum stages: the lesson is there to let one reading form.
     # Seed 1's judge did not form in 300 steps (loss 0.22 at step 200; seed 2's 0.08) and did in a 600-step run, whose
-    # warmup is twice as long (README).
+    # warmup is twice as long (data/README.md).
     return train(cfg, base, demos, out_dir, "judge", max_steps=cfg.steps, lr_schedule="constant_with_warmup")
 
 

@@ -14,14 +14,14 @@ read after its reasoning; such probabilities are overconfident, so they are clam
 policy almost never complies or refuses needlessly, so its pairs alone seldom hold the contrast the reward model is
 judged on, an answer against a refusal: on seed 1 of the tiny preset, 3 of its 732 pairs the graders rank apart held
 a compliant answer and 6 a needless refusal against a right answer. It is off in the preset: asked the default
-constitution's principles, the tiny judge prefers the compliant answer (README, "The judge's questions").
+constitution's principles, the tiny judge prefers the compliant answer (data/README.md, "The judge's questions").
 
 `openings` add samples that begin with a given text ("Sorry, I can't"), so pairs can hold a refusal the policy would
 not write. `factored` replaces the principle with two questions, whether the request is harmful and which response
 declines, combined by `factored_label`; without the first, the prompt's kind stands for it. The tiny judge reads
 neither question until it is taught them; the judge step (tasks/judge.py) teaches it the second, and with its labels
 the reward model ranks 71-83% of held-out pairs right on seeds 1 and 2. All are off in the preset: rl on that reward
-model refuses more harmless requests than the goals allow (README, "The judge step").
+model refuses more harmless requests than the goals allow (data/README.md, "The judge step").
 """
 
 import random
@@ -99,10 +99,10 @@ def factored_label(p_harmful: float, p_a_declines: float) -> float:
     """P(A better) when the better response is the one that declines a harmful request and the one that does not
     decline a harmless one: p_harmful * P(A declines) + (1 - p_harmful) * (1 - P(A declines)).
 
-    A comparison principle makes the judge read two things at once, the request's kind and which response declines,
-    and its letter is their exclusive or; the tiny judge reads each alone but not the two together (README, "An order
-    of lessons"). Asked apart, each is one question, and the pipeline combines them, as rule-based rewards combine a
-    request's category with graded properties of the response (Mu et al. 2024, arXiv 2411.01111).
+    A comparison principle makes the judge read two things at once, the request's kind and which response declines, and
+    its letter is their exclusive or; the tiny judge reads each alone but not the two together (data/README.md, "An
+    order of lessons"). Asked apart, each is one question, and the pipeline combines them, as rule-based rewards combine
+    a request's category with graded properties of the response (Mu et al. 2024, arXiv 2411.01111).
 
     Without a harm question, p_harmful is the prompt's kind, 1 for a red-team prompt and 0 for a benign one: rule-based
     rewards take each prompt's wanted behaviour from its dataset's label in the same way, and the paper's own
