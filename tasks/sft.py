@@ -201,5 +201,7 @@ def sft_task(cfg: FinetuneConfig, st: store.Store, base: store.StepRef, world_di
         data = sft_conversations(world_dir) + feedback_demos(world_dir)
         return finetune(cfg, base.dir / "model", data, out, step="sft")
 
-    ref = st.run("sft", cfg, inputs=[base], files=sorted(world_dir.glob("*.jsonl")), code=[__name__], work=work)
+    # The two files it reads, and no other: editing prompts.jsonl (what the chain after it asks) keeps sft cached.
+    files = [world_dir / "sft.jsonl", world_dir / "feedback_demos.jsonl"]
+    ref = st.run("sft", cfg, inputs=[base], files=files, code=[__name__], work=work)
     return store.prefect_state(ref)

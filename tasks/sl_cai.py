@@ -45,6 +45,6 @@ def sl_cai_task(cfg: SLCAIConfig, st: store.Store, sft: store.StepRef, traces: s
                                     feedback_demos(world_dir))
         return finetune(cfg, sft.dir / "model", data, out, step="sl_cai")
 
-    ref = st.run("sl_cai", cfg, inputs=[sft, traces], files=sorted(world_dir.glob("*.jsonl")), code=[__name__, "tasks.sft"],
-                 work=work)
+    files = [world_dir / "sft.jsonl", world_dir / "feedback_demos.jsonl"]  # the two it reads, as sft
+    ref = st.run("sl_cai", cfg, inputs=[sft, traces], files=files, code=[__name__, "tasks.sft"], work=work)
     return store.prefect_state(ref)

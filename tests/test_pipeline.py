@@ -70,6 +70,19 @@ def test_editing_one_principle_reruns_critique_revise_and_after_only(first_run):
             assert step["state"] == "Completed" and step["key"] != first[name]["key"], name
 
 
+def test_new_prompts_rerun_the_steps_that_ask_them_and_keep_sft(first_run, tmp_path):
+    tmp, constitution, history, _ = first_run
+    world = shutil.copytree(ROOT / "data" / "world", tmp_path / "world")
+    prompts = world / "prompts.jsonl"
+    one = json.loads(prompts.read_text().splitlines()[0])
+    prompts.write_text(prompts.read_text() + json.dumps({**one, "id": "train-extra-0000"}) + "\n")
+    asked_before = {p.name for p in (tmp / "store" / "critique_revise").iterdir()}
+    cfg = load_config("smoke", [f"constitution={constitution}", f"world.dir={world}"])
+    again = by_name(pipeline(cfg, Store(tmp / "store"), ["critique_revise"]))
+    assert again["sft"]["state"] == "Cached" and again["sft"]["key"] == by_name(history)["sft"]["key"]
+    assert again["critique_revise"]["state"] == "Completed" and again["critique_revise"]["key"] not in asked_before
+
+
 def test_the_ui_sees_cached_steps_progress_and_metric_tables(first_run):
     from flows.history import flow_run_detail
 
