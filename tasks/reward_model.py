@@ -201,7 +201,7 @@ def reply_outputs(model, tokenizer, prompts: list[str], responses: list[str], ma
                         tokenizer.pad_token_id, batch_size)
 
 
-def mixed(outputs: torch.Tensor, prompts: list[str], gate: dict[str, float]) -> list[float]:
+def mix_by_gate(outputs: torch.Tensor, prompts: list[str], gate: dict[str, float]) -> list[float]:
     """A gated head's reward: its two rewards mixed by P(request harmful)."""
     return [gate[p] * row[0] + (1 - gate[p]) * row[1] for p, row in zip(prompts, outputs.tolist())]
 
@@ -212,7 +212,7 @@ def rewards(model, tokenizer, prompts: list[str], responses: list[str], max_leng
     outputs = reply_outputs(model, tokenizer, prompts, responses, max_length, batch_size)
     if not is_gated(model):
         return outputs.squeeze(-1).tolist()
-    return mixed(outputs, prompts, gate or request_gates(model, tokenizer, prompts, max_length, batch_size))
+    return mix_by_gate(outputs, prompts, gate or request_gates(model, tokenizer, prompts, max_length, batch_size))
 
 
 def judge_true_pairs(model, tokenizer, pairs: list[dict], max_length: int) -> dict:
@@ -223,7 +223,7 @@ def judge_true_pairs(model, tokenizer, pairs: list[dict], max_length: int) -> di
     gated = is_gated(model) and bool(pairs)
     if gated:
         gate = request_gates(model, tokenizer, prompts, max_length)
-        better, worse = mixed(better_out, prompts, gate), mixed(worse_out, prompts, gate)
+        better, worse = mix_by_gate(better_out, prompts, gate), mix_by_gate(worse_out, prompts, gate)
     else:
         better, worse = better_out.squeeze(-1).tolist(), worse_out.squeeze(-1).tolist()
     # A pairwise judge is calibrated when its confidence max(P, 1 - P) matches how often it picks the better response.
@@ -239,9 +239,9 @@ def judge_true_pairs(model, tokenizer, pairs: list[dict], max_length: int) -> di
         by_kind["heldout_request_accuracy"] = round(
             sum((gate[p["prompt"]] >= 0.5) == (p["kind"] == "harmful") for p in pairs) / len(pairs), 4)
         known = {p["prompt"]: float(p["kind"] == "harmful") for p in pairs}
+        better_known, worse_known = mix_by_gate(better_out, prompts, known), mix_by_gate(worse_out, prompts, known)
         by_kind["heldout_accuracy_kind_known"] = round(
-            sum(b > w for b, w in zip(mixed(better_out, prompts, known), mixed(worse_out, prompts, known))) / len(pairs),
-            4)
+            sum(b > w for b, w in zip(better_known, worse_known)) / len(pairs), 4)
     return {
         "heldout_pairs": len(pairs),
         "heldout_accuracy": round(sum(b > w for b, w in zip(better, worse)) / max(len(pairs), 1), 4),
@@ -266,13 +266,13 @@ def train_reward_model(cfg: RewardConfig, base: Path, labels: list[dict], true_p
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3 if cfg.request_gate else 1)
     model.config.pad_token_id = tokenizer.pad_token_id
-    mixed = mixed_pairs(cfg)
+    users_pairs = mixed_pairs(cfg)
     decided = [r for r in labels if abs(r["p_a"] - 0.5) >= cfg.min_label_margin]
     rows = [{"a": encode(tokenizer, r["prompt"], r["response_a"], cfg.max_length),
              "b": encode(tokenizer, r["prompt"], r["response_b"], cfg.max_length), "p": r["p_a"]}
-            for r in decided + mixed]
+            for r in decided + users_pairs]
     if cfg.request_gate:
-        for row, r in zip(rows, decided + mixed):
+        for row, r in zip(rows, decided + users_pairs):
             row.update(request=encode_request(tokenizer, r["prompt"], cfg.max_length), harm=request_harm(r))
     checkpoints = out_dir / "checkpoints"
     args = TrainingArguments(
@@ -292,7 +292,7 @@ def train_reward_model(cfg: RewardConfig, base: Path, labels: list[dict], true_p
     tokenizer.save_pretrained(out_dir / "model")
     shutil.rmtree(checkpoints)  # only a crashed run needs them
     (out_dir / "log_history.json").write_text(json.dumps(progress.history, indent=1))
-    return {"train_loss": round(result.training_loss, 4), "pairs": len(rows), "mixed_pairs": len(mixed),
+    return {"train_loss": round(result.training_loss, 4), "pairs": len(rows), "mixed_pairs": len(users_pairs),
             "undecided_labels_dropped": len(labels) - len(decided),
             **judge_true_pairs(trainer.model, tokenizer, true_pairs, cfg.max_length)}
 
