@@ -128,3 +128,37 @@ def test_the_loss_weighs_every_conversation_the_same_not_every_token(base, tmp_p
     assert tokens.min() <= 3 < tokens.max()  # a one-letter verdict (and its end token) beside a long reply
     assert loss == pytest.approx(per_conversation.mean().item(), rel=1e-4)
     assert loss > 1.5 * (nll.sum() / tokens.sum()).item()  # TRL's token mean hides the unlearnt verdict
+
+
+def test_parts_of_similar_length_give_the_batchs_loss_and_gradient_with_less_padding(base, tmp_path, one_thread):
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    tokenizer, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
+    rows = [{"messages": [{"role": "user", "content": "Count" + " and more" * i + "."},
+                          {"role": "assistant", "content": " ".join(["one"] * (1 + 3 * i))}]} for i in range(8)]
+    args = SFTConfig(output_dir=str(tmp_path / "ckpt"), assistant_only_loss=True, per_device_train_batch_size=8,
+                     use_cpu=True, report_to=[], max_steps=1, activation_checkpointing=False)
+    widths = []
+    model.register_forward_pre_hook(lambda _, a, kw: widths.append(kw["input_ids"].shape), with_kwargs=True)
+
+    def loss_and_grads(groups):
+        trainer = sft.conversation_mean_trainer(groups)(model=model, args=args, processing_class=tokenizer,
+                                                        train_dataset=datasets.Dataset.from_list(rows))
+        batch = dict(next(iter(trainer.get_train_dataloader())))
+        model.zero_grad()
+        widths.clear()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()], list(widths), batch["input_ids"].shape
+
+    loss, grads, whole, (batch_rows, batch_width) = loss_and_grads(1)
+    loss_4, grads_4, parts, _ = loss_and_grads(4)
+    assert whole == [(batch_rows, batch_width)]
+    assert [r for r, _ in parts] == [2, 2, 2, 2] and parts[0][1] < parts[-1][1] == batch_width  # shortest first
+    assert sum(r * w for r, w in parts) < 0.75 * batch_rows * batch_width  # a quarter of the padded positions saved
+    assert loss_4 == pytest.approx(loss, rel=1e-6)
+    for g, g_4 in zip(grads, grads_4):
+        torch.testing.assert_close(g_4, g, rtol=1e-5, atol=1e-7)
