@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from data.world import feedback_demos, sft_conversations
 from tasks.pretrain import PretrainConfig, build_model
@@ -34,8 +35,6 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4, 8])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from transformers import AutoTokenizer
-
     work = Path(tempfile.mkdtemp(prefix="alignflow-bench-sft-"))
     build_tokenizer(TokenizerConfig(vocab_size=2048), WORLD / "corpus.txt", work / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
