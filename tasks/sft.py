@@ -222,6 +222,12 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def finetune_files(world_dir: Path) -> list[Path]:
+    """The world files sft and sl_cai read, and no other: editing prompts.jsonl (what the chain after them asks)
+    keeps both cached."""
+    return [world_dir / "sft.jsonl", world_dir / "feedback_demos.jsonl"]
+
+
 @task(name="sft", cache_policy=store.NO_PREFECT_CACHE, persist_result=False)
 def sft_task(cfg: FinetuneConfig, st: store.Store, base: store.StepRef, world_dir: Path):
     from data.world import feedback_demos, sft_conversations
@@ -230,7 +236,5 @@ def sft_task(cfg: FinetuneConfig, st: store.Store, base: store.StepRef, world_di
         data = sft_conversations(world_dir) + feedback_demos(world_dir)
         return finetune(cfg, base.dir / "model", data, out, step="sft")
 
-    # The two files it reads, and no other: editing prompts.jsonl (what the chain after it asks) keeps sft cached.
-    files = [world_dir / "sft.jsonl", world_dir / "feedback_demos.jsonl"]
-    ref = st.run("sft", cfg, inputs=[base], files=files, code=[__name__], work=work)
+    ref = st.run("sft", cfg, inputs=[base], files=finetune_files(world_dir), code=[__name__], work=work)
     return store.prefect_state(ref)

@@ -13,7 +13,7 @@ from prefect import task
 from pydantic import Field
 
 from tasks import store
-from tasks.sft import FinetuneConfig, finetune
+from tasks.sft import FinetuneConfig, finetune, finetune_files
 
 
 class SLCAIConfig(FinetuneConfig):
@@ -45,6 +45,6 @@ def sl_cai_task(cfg: SLCAIConfig, st: store.Store, sft: store.StepRef, traces: s
                                     feedback_demos(world_dir))
         return finetune(cfg, sft.dir / "model", data, out, step="sl_cai")
 
-    files = [world_dir / "sft.jsonl", world_dir / "feedback_demos.jsonl"]  # the two it reads, as sft
-    ref = st.run("sl_cai", cfg, inputs=[sft, traces], files=files, code=[__name__, "tasks.sft"], work=work)
+    ref = st.run("sl_cai", cfg, inputs=[sft, traces], files=finetune_files(world_dir), code=[__name__, "tasks.sft"],
+                 work=work)
     return store.prefect_state(ref)
