@@ -13,6 +13,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from constitutions.schema import Constitution
+from data import GENERATOR
 from data.roles import critique_prompt, revision_prompt
 from tasks import store
 from tasks.feedback import FeedbackConfig, open_feedback, preference_for_first
@@ -116,7 +117,7 @@ def critique_revise_task(cfg: CritiqueReviseConfig, st: store.Store, sft: store.
     constitution = load_constitution(constitution_path)
     prompts = read_prompts(prompts_path)
     ref = st.run(
-        "critique_revise", cfg, inputs=[sft], files=[constitution_path, prompts_path], code=[__name__, "data", "tasks.feedback", "tasks.shards"],
+        "critique_revise", cfg, inputs=[sft], files=[constitution_path, prompts_path], code=[__name__, *GENERATOR, "tasks.feedback", "tasks.shards"],
         work=lambda out: critique_and_revise(cfg, constitution, sft.dir / "model", prompts, out),
     )
     return store.prefect_state(ref)

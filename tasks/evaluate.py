@@ -14,6 +14,7 @@ import torch
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from data import GENERATOR
 from tasks import store
 
 HELDOUT_SPLITS = ("heldout_entity", "heldout_phrasing")
@@ -94,7 +95,7 @@ def evaluate_task(cfg: EvaluateConfig, st: store.Store, model: store.StepRef, pr
     prompts, conversations = read_prompts(prompts_path), read_conversations(conversations_path)
     ref = st.run(
         f"evaluate_{model.step}", cfg, inputs=[model], files=[prompts_path, conversations_path],
-        code=[__name__, "data", "tasks.feedback"],
+        code=[__name__, "data.graders", *GENERATOR, "tasks.feedback"],
         work=lambda out: evaluate_model(cfg, model.dir / "model", prompts, conversations, out, chat=chat),
     )
     table = [{"metric": k, "value": v} for k, v in ref.metrics.items()]

@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from data import GENERATOR
 from data.roles import OPTIONS, comparison_prompt
 from data.world import ENTITY_FIELDS, ENTITY_SPLITS, HAZARD_FIELDS, conversation, make_requests, read_jsonl
 from tasks import store
@@ -86,6 +87,6 @@ def teach(lesson: JudgeLesson, base: Path, world_dir: Path, out_dir: Path) -> di
 def judge_task(cfg: JudgeConfig, st: store.Store, sl_cai: store.StepRef, world_dir: Path, question: str):
     lesson = JudgeLesson(config=cfg, question=question)
     ref = st.run("judge", lesson, inputs=[sl_cai], files=[world_dir / "entities.jsonl", world_dir / "hazards.jsonl"],
-                 code=[__name__, "data", "tasks.sft"],
+                 code=[__name__, *GENERATOR, "tasks.sft"],
                  work=lambda out: teach(lesson, sl_cai.dir / "model", world_dir, out))
     return store.prefect_state(ref)

@@ -31,6 +31,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from constitutions.schema import Constitution
+from data import GENERATOR
 from data.roles import OPTIONS, comparison_prompt, request_prompt
 from tasks import store
 from tasks.feedback import FeedbackConfig, averaged_label, open_feedback, option_probability
@@ -228,7 +229,7 @@ def label_preferences_task(cfg: LabelConfig, st: store.Store, sl_cai: store.Step
         # sft and the judge step are inputs only where they take part
         "label_preferences", cfg,
         inputs=[sl_cai, *([sft] if cfg.samples_from_sft else []), *([judge] if judge else [])],
-        files=[constitution_path, prompts_path], code=[__name__, "data", "tasks.feedback", "tasks.shards"],
+        files=[constitution_path, prompts_path], code=[__name__, *GENERATOR, "tasks.feedback", "tasks.shards"],
         work=lambda out: label(cfg, constitution, sl_cai.dir / "model", prompts, out, sft.dir / "model",
                                judge.dir / "model" if judge else None),
     )

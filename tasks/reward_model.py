@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from data import GENERATOR
 from tasks import store
 from tasks.progress import last_complete_checkpoint, trainer_callback
 
@@ -305,7 +306,7 @@ def reward_model_task(cfg: RewardConfig, st: store.Store, sl_cai: store.StepRef,
 
     ref = st.run(
         "reward_model", cfg, inputs=[sl_cai, labels], files=[cfg.mix_pairs] if cfg.mix_pairs else [],
-        code=[__name__, "data"],
+        code=[__name__, *GENERATOR],
         work=lambda out: train_reward_model(cfg, sl_cai.dir / "model", read_shards(labels.dir),
                                             true_preference_pairs(world_dir), out),
     )

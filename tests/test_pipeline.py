@@ -83,6 +83,22 @@ def test_new_prompts_rerun_the_steps_that_ask_them_and_keep_sft(first_run, tmp_p
     assert again["critique_revise"]["state"] == "Completed" and again["critique_revise"]["key"] not in asked_before
 
 
+def test_a_grader_fix_regrades_every_model_and_retrains_none(first_run, tmp_path, monkeypatch):
+    import tasks.store
+
+    tmp, constitution, _, _ = first_run
+    graders = ROOT / "data" / "graders.py"
+    fixed = tmp_path / "graders.py"
+    fixed.write_text(graders.read_text() + "\n# a fix\n")
+    files = tasks.store.module_files
+    monkeypatch.setattr(tasks.store, "module_files", lambda name: [fixed if p.resolve() == graders.resolve() else p for p in files(name)])
+    cfg = load_config("smoke", [f"constitution={constitution}"])
+    again = by_name(pipeline(cfg, Store(tmp / "store")))
+    regraded = {"evaluate_sft", "evaluate_sl_cai", "evaluate_rl"}
+    assert {name for name, step in again.items() if step["state"] == "Completed"} == regraded
+    assert all(step["state"] == "Cached" for name, step in again.items() if name not in regraded)
+
+
 def test_the_ui_sees_cached_steps_progress_and_metric_tables(first_run):
     from flows.history import flow_run_detail
 
