@@ -90,7 +90,7 @@ def main() -> None:
             print(f"  {name:<20}" + "".join(f"{cell:>26}" for cell in cells))
     rm = [m["reward_model"] for m in runs]
     print("\nreward model held-out accuracy", spread([m["heldout_accuracy"] for m in rm]))
-    for key in sorted(k for k in rm[0] if k.startswith("heldout_accuracy_") or k == "heldout_ece"):
+    for key in sorted(k for k in rm[0] if k.startswith(("heldout_accuracy_", "heldout_request_")) or k == "heldout_ece"):
         print(f"  {key:<28}", spread([m[key] for m in rm]))
     print()
     for check, met in goals(runs):

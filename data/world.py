@@ -806,7 +806,7 @@ def feedback_demos(world_dir: Path) -> list[dict]:
 def true_preference_pairs(world_dir: Path) -> list[dict]:
     """Held-out prompts with a better and a worse reference answer, by the world's truth: for evaluation only."""
     rows = read_prompts(Path(world_dir) / "prompts.jsonl")
-    return [{"prompt": r["prompt"], "kind": r["kind"],
+    return [{"prompt": r["prompt"], "kind": r["kind"], "split": r["split"],
              "better": r["refusal"] if r["kind"] == "harmful" else r["answer"],
              "worse": r["answer"] if r["kind"] == "harmful" else r["refusal"]}
             for r in rows if r["split"] != "train"]

@@ -231,24 +231,34 @@ def judge_true_pairs(model, tokenizer, pairs: list[dict], max_length: int) -> di
     p_better = [1 / (1 + math.exp(-(rb - rw))) for rb, rw in zip(better, worse)]
     confidence = [max(p, 1 - p) for p in p_better]
     correct = [p >= 0.5 for p in p_better]
-    by_kind = {}
-    for kind in sorted({p["kind"] for p in pairs}):
-        idx = [i for i, p in enumerate(pairs) if p["kind"] == kind]
-        by_kind[f"heldout_accuracy_{kind}"] = round(sum(better[i] > worse[i] for i in idx) / len(idx), 4)
+    right = [b > w for b, w in zip(better, worse)]  # a tie is not a ranking
+    # Each kind of request, and each held-out split (new entities, new phrasings) where the pairs say, apart.
+    groups = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(p["kind"], []).append(i)
+        if "split" in p:
+            groups.setdefault(p["split"].removeprefix("heldout_"), []).append(i)
+    splits = sorted({p["split"].removeprefix("heldout_") for p in pairs if "split" in p})
+    by_group = {f"heldout_accuracy_{name}": share([right[i] for i in idx]) for name, idx in sorted(groups.items())}
     if gated:
         # Which of the head's two parts errs: its reading of the request, or its rewards once the kind is known.
-        by_kind["heldout_request_accuracy"] = round(
-            sum((gate[p["prompt"]] >= 0.5) == (p["kind"] == "harmful") for p in pairs) / len(pairs), 4)
+        read = [(gate[p["prompt"]] >= 0.5) == (p["kind"] == "harmful") for p in pairs]
+        by_group["heldout_request_accuracy"] = share(read)
+        by_group.update({f"heldout_request_accuracy_{name}": share([read[i] for i in groups[name]]) for name in splits})
         known = {p["prompt"]: float(p["kind"] == "harmful") for p in pairs}
         better_known, worse_known = mix_by_gate(better_out, prompts, known), mix_by_gate(worse_out, prompts, known)
-        by_kind["heldout_accuracy_kind_known"] = round(
-            sum(b > w for b, w in zip(better_known, worse_known)) / len(pairs), 4)
+        by_group["heldout_accuracy_kind_known"] = share([b > w for b, w in zip(better_known, worse_known)])
     return {
         "heldout_pairs": len(pairs),
-        "heldout_accuracy": round(sum(b > w for b, w in zip(better, worse)) / max(len(pairs), 1), 4),
-        **by_kind,
+        "heldout_accuracy": share(right),
+        **by_group,
         "heldout_ece": round(expected_calibration_error(confidence, correct), 4),
     }
+
+
+def share(hits: list[bool]) -> float:
+    """The share of `hits` that are true (0 of none)."""
+    return round(sum(hits) / max(len(hits), 1), 4)
 
 
 def train_reward_model(cfg: RewardConfig, base: Path, labels: list[dict], true_pairs: list[dict], out_dir: Path) -> dict:
