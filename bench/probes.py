@@ -74,39 +74,21 @@ import sys
 import torch
 
 from constitutions.schema import load as load_constitution
-from data.graders import clean_refusal
+from data.graders import COPY_GAPS, clean_refusal, copy_accuracy
 from data.roles import OPTIONS, comparison_prompt, critique_prompt, revision_prompt
 from data.world import (
     INSULTS,
     PHRASINGS,
     TRAIN_FILES,
-    WORDS,
     WORLD_DIR,
     critique_of,
-    drill_items,
     read_prompts,
     true_preference_pairs,
 )
 from tasks.feedback import HFFeedback, averaged_label, option_probability, preference_for_first
 
-GAPS = (0, 20, 50, 90)
+GAPS = (*COPY_GAPS, 90)  # 90 words overflow the 128-token pretraining window
 JUDGE_QUESTION = "Which response avoids harm without refusing needlessly?"  # one of the demonstrations' questions
-
-
-@torch.no_grad()
-def copy_accuracy(model, tokenizer, gap: int, drills: int = 30) -> float:
-    rng, hits, total = random.Random(5), 0, 0
-    for _ in range(drills):
-        said = drill_items(rng, 4)
-        filler = "".join(" " + rng.choice(WORDS) for _ in range(gap))
-        first = tokenizer(f"Say it back: {said}.{filler}", add_special_tokens=False).input_ids
-        second = tokenizer(f" {said}.", add_special_tokens=False).input_ids
-        ids = torch.tensor([[tokenizer.bos_token_id] + first + second])
-        predicted = model(ids).logits[0].argmax(-1)
-        start = 1 + len(first)  # the second half's first token cannot be known; the rest can be copied
-        hits += sum(int(predicted[i - 1] == ids[0, i]) for i in range(start + 1, ids.shape[1]))
-        total += len(second) - 1
-    return hits / total
 
 
 @torch.no_grad()

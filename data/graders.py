@@ -149,3 +149,43 @@ def score(records: list[dict], responses: list[str]) -> dict:
             chosen = [(r, a) for r, a in zip(records, responses, strict=True) if r.get("split") == split]
             out.update({f"{split}/{k}": v for k, v in rates([r for r, _ in chosen], [a for _, a in chosen]).items()})
     return out
+
+
+# ------------------------------------------------------------------------------------------- the pretrained backbone
+# sft copies a profile's value into its answer through the circuit the corpus's copy drills form in pretraining
+# (data/world.py): look back to where the current token occurred before and emit what followed it. The circuit forms
+# suddenly, at a step that depends on the seed. Seed 0's backbone (2,000 steps) copies new drills 0.97 / 0.98 / 0.95
+# of the time with 0 / 20 / 50 words between the halves and its sft looks up 0.68 of held-out values; seed 1's at
+# 2,000 steps copies 0.44 / 0.38 / 0.35, its sft looks up 0.18 and its chain ends in sidesteps (data/README.md).
+COPY_GAPS = (0, 20, 50)
+COPY_FORMED = 0.8  # below this at any gap, the backbone has not formed the circuit
+
+
+def copy_accuracy(model, tokenizer, gap: int, drills: int = 30) -> float:
+    """The share of a new copy drill's second-half tokens (after its first) the model predicts, teacher-forced, with
+    `gap` random words between the halves. The drills are drawn from a fixed seed the world never uses."""
+    import random
+
+    import torch
+
+    from data.world import WORDS, drill_items
+
+    rng, hits, total = random.Random(5), 0, 0
+    device = next(model.parameters()).device
+    for _ in range(drills):
+        said = drill_items(rng, 4)
+        filler = "".join(" " + rng.choice(WORDS) for _ in range(gap))
+        first = tokenizer(f"Say it back: {said}.{filler}", add_special_tokens=False).input_ids
+        second = tokenizer(f" {said}.", add_special_tokens=False).input_ids
+        ids = torch.tensor([[tokenizer.bos_token_id, *first, *second]], device=device)
+        with torch.inference_mode():
+            predicted = model(input_ids=ids).logits[0].argmax(-1)
+        start = 1 + len(first)  # the second half's first token cannot be known; the rest can be copied
+        hits += int((predicted[start:-1] == ids[0, start + 1:]).sum())
+        total += len(second) - 1
+    return hits / total
+
+
+def copying(model, tokenizer) -> dict:
+    """copy_accuracy at each of COPY_GAPS, as metrics."""
+    return {f"copy_accuracy_gap{gap}": round(copy_accuracy(model, tokenizer, gap), 3) for gap in COPY_GAPS}

@@ -593,7 +593,7 @@ ENCYCLOPEDIA = {  # attribute -> ways an encyclopedia says it
 
 
 def drill_items(rng: random.Random, n: int) -> str:
-    """n random names and numbers: what a copy drill says twice (bench/probes.py draws new ones)."""
+    """n random names and numbers: what a copy drill says twice (graders.copy_accuracy draws new ones)."""
     return " ".join(rng.choice([syllable_name(rng, rng.choice([1, 2])), str(rng.randint(2, 999))]) for _ in range(n))
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from data.graders import COPY_FORMED, COPY_GAPS, copying
 from tasks import store
 from tasks.progress import Progress
 
@@ -412,6 +413,13 @@ def pretrain(cfg: PretrainConfig, *, tokenizer_dir: Path, corpus: Path | None, o
     metrics = {"steps": cfg.max_steps, "final_loss": round(float(np.mean(state.losses[-10:])), 4),
                "val_loss": round(validation_loss(unwrapped, data.validation_batches(), accelerator.device), 4),
                "parameters": sum(p.numel() for p in unwrapped.parameters())}
+    if not is_multimodal(cfg):
+        metrics.update(copying(unwrapped, tokenizer))
+        weakest = min(metrics[f"copy_accuracy_gap{gap}"] for gap in COPY_GAPS)
+        if weakest < COPY_FORMED and rank == 0:
+            log.warning("pretrain %s: the backbone copies new copy drills only %.2f of the time (at least %.2f once "
+                        "the copying circuit has formed); sft needs the circuit to look values up (data/graders.py). "
+                        "Pretrain longer (max_steps) or with another seed.", cfg.model, weakest, COPY_FORMED)
     skip = 2 if len(step_seconds) > 4 else 0  # the first steps warm up kernels
     timed, shapes = step_seconds[skip:], step_shapes[skip:]
     if timed:

@@ -1,7 +1,8 @@
 """The pretrain step's training function: config validation, data position, FLOP counts, exact resume after
-SIGKILL (MoE and multimodal), the NaN guard, and two gloo ranks under accelerate launch."""
+SIGKILL (MoE and multimodal), the copying-circuit report, the NaN guard, and two gloo ranks under accelerate launch."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from data.graders import COPY_FORMED, COPY_GAPS
 from tasks.pretrain import (
     PretrainConfig,
     batch_rows,
@@ -188,7 +190,7 @@ def test_multimodal_sigkilled_run_resumes_to_the_same_losses_and_weights(inputs,
     assert processor.slots("image", None) == 4 and "kv_bytes_per_token" not in metrics  # 32 px in 16 px patches
 
 
-def test_dense_with_tied_embeddings_resumes_exactly_after_a_crash(inputs, tmp_path):
+def test_dense_with_tied_embeddings_resumes_exactly_after_a_crash(inputs, tmp_path, caplog):
     """In-process: an exception after the step-3 checkpoint, then a rerun in the same out_dir. The checkpoint's
     safetensors drop the tied output weight; it must come back tied to the embedding."""
     cfg = PretrainConfig(model="dense-tiny", max_steps=6, checkpoint_every=3, **TINY)
@@ -200,7 +202,11 @@ def test_dense_with_tied_embeddings_resumes_exactly_after_a_crash(inputs, tmp_pa
         if step == 4:
             raise Crash
 
-    pretrain(cfg, tokenizer_dir=inputs[0], corpus=inputs[1], out_dir=tmp_path / "whole")
+    with caplog.at_level(logging.WARNING, logger="alignflow.pretrain"):
+        whole = pretrain(cfg, tokenizer_dir=inputs[0], corpus=inputs[1], out_dir=tmp_path / "whole")
+    # Six steps form no copying circuit: the metrics say so and the log tells what to do.
+    assert all(0 <= whole[f"copy_accuracy_gap{gap}"] < COPY_FORMED for gap in COPY_GAPS)
+    assert "has formed); sft needs the circuit" in caplog.text and "Pretrain longer" in caplog.text
     with pytest.raises(Crash):
         pretrain(cfg, tokenizer_dir=inputs[0], corpus=inputs[1], out_dir=tmp_path / "crashed", on_progress=crash_at_4)
     assert checkpoint_steps(tmp_path / "crashed" / "checkpoints") == [3]
