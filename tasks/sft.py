@@ -22,7 +22,9 @@ class CurriculumStage(BaseModel):
 
     categories: list[str] = Field([], description="conversation categories this stage trains on alone")
     roles: list[str] = Field([], description="and feedback-demonstration roles")
-    steps: int = Field(ge=1, description="optimizer steps")
+    steps: int = Field(ge=1, description="optimizer steps (with until_loss, the most it trains)")
+    until_loss: float | None = Field(None, gt=0, description="end the stage once its last three logged losses (every "
+                                     "10 steps) are all below this: the skill has formed")
 
     @model_validator(mode="after")
     def _selects_something(self):
@@ -60,7 +62,9 @@ class FinetuneConfig(BaseModel):
 # lists, 0 of 10. Looking a value up by its attribute ("passcode" -> the number after it in the profile), 1,000 steps on
 # facts and private values alone: 3 to 5 of 60 held-out people in three of four runs (56 in one); after the 200 steps of
 # copies, 54 of 60. A skill once formed survives the mixture (lookup 0.725 after 600 mixture steps). Each stage keeps its
-# learning rate rather than annealing it: it is there to let a circuit form, and the next stage warms up again.
+# learning rate rather than annealing it: it is there to let a circuit form, and the next stage warms up again. When
+# a circuit forms depends on the seed (the loss sits on a plateau, then falls in a few tens of steps), so a stage can
+# train until its loss says it has formed (until_loss), with `steps` the most it may take.
 CURRICULUM_DIR = "curriculum"
 
 # Why the loss is averaged per conversation by default: sft and sl_cai mix replies of ~15 tokens with feedback
@@ -130,7 +134,7 @@ def finetune(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir
         done = stage_dir / "done.json"
         if not done.exists():
             result = train(cfg, base, chosen, stage_dir, f"{step} curriculum {number + 1}/{len(cfg.curriculum)}",
-                           max_steps=stage.steps, lr_schedule="constant_with_warmup")
+                           max_steps=stage.steps, lr_schedule="constant_with_warmup", until_loss=stage.until_loss)
             done.write_text(json.dumps(result))  # written after the model: a crash before it redoes the stage
         stages.append({"categories": stage.categories, "roles": stage.roles, **json.loads(done.read_text())})
         base = stage_dir / "model"
@@ -145,9 +149,27 @@ def finetune(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir
     return metrics
 
 
+def stop_below(loss: float, window: int = 3):
+    """A TrainerCallback that ends training once the last `window` logged losses are all below `loss`."""
+    from transformers import TrainerCallback
+
+    class StopBelow(TrainerCallback):
+        def __init__(self):
+            self.recent: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.recent = [*self.recent, logs["loss"]][-window:]
+                if len(self.recent) == window and max(self.recent) < loss:
+                    control.should_training_stop = True
+
+    return StopBelow()
+
+
 def train(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir: Path, step: str,
-          max_steps: int = -1, lr_schedule: str = "cosine") -> dict:
-    """One SFTTrainer run from `base` on `conversations`: `epochs` over them, or `max_steps` when > 0."""
+          max_steps: int = -1, lr_schedule: str = "cosine", until_loss: float | None = None) -> dict:
+    """One SFTTrainer run from `base` on `conversations`: `epochs` over them, or `max_steps` when > 0, ended early
+    once the last three logged losses are below `until_loss`."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import SFTConfig, SFTTrainer
@@ -197,7 +219,7 @@ def train(cfg: FinetuneConfig, base: Path, conversations: list[dict], out_dir: P
         train_dataset=datasets.Dataset.from_list([{"messages": c["messages"]} for c in conversations]),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[progress],
+        callbacks=[progress, *([stop_below(until_loss)] if until_loss else [])],
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout; progress has the numbers
     result = trainer.train(resume_from_checkpoint=last_complete_checkpoint(checkpoints))

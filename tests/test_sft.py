@@ -1,5 +1,6 @@
 """sft's curriculum: stages of some categories (or demonstration roles) trained alone, in order, then the whole
-mixture; a crash after a stage resumes without redoing it; a category no conversation has is refused by name."""
+mixture; a stage can end once its loss says its skill has formed; a crash after a stage resumes without redoing it;
+a category no conversation has is refused by name."""
 
 import pytest
 
@@ -162,3 +163,19 @@ def test_parts_of_similar_length_give_the_batchs_loss_and_gradient_with_less_pad
     assert loss_4 == pytest.approx(loss, rel=1e-6)
     for g, g_4 in zip(grads, grads_4):
         torch.testing.assert_close(g_4, g, rtol=1e-5, atol=1e-7)
+
+
+def test_a_stage_with_until_loss_ends_once_its_skill_has_formed(base, tmp_path, one_thread):
+    """It stops at the first log (every 10 steps) where the last three losses are all below until_loss, well before
+    its `steps` (without until_loss a stage trains all of them: the first test)."""
+    import json
+
+    stage = sft.CurriculumStage(categories=["copy"], steps=300, until_loss=1.0)
+    cfg = CFG.model_copy(update={"lr": 1e-2, "curriculum": [stage]})
+    metrics = sft.finetune(cfg, base, CONVERSATIONS, tmp_path / "out")
+    losses = [h["loss"] for h in json.loads((tmp_path / "out" / "curriculum_0_log_history.json").read_text())
+              if "loss" in h]
+    assert metrics["curriculum"][0]["steps"] == 10 * len(losses) < 300
+    assert max(losses[-3:]) < 1.0 <= max(losses[-4:])  # the first time the rule held, not later
+    with pytest.raises(ValueError, match="until_loss"):
+        sft.CurriculumStage(categories=["copy"], steps=10, until_loss=0)
